@@ -1,0 +1,56 @@
+# RecServe: the documented entry points. `make demo` runs the main job locally; `make test` runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.recserve-installed
+PYTEST_ARGS ?=
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "==> creating $(VENV) and installing RecServe with all extras (first run: ~3-5 min)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[all]'
+	touch $(STAMP)
+
+setup: $(STAMP) system-packages ## create the virtualenv and install Python and Debian dependencies
+
+system-packages: ## Debian packages used by the data-plane tests (nginx, Prometheus)
+	@missing=""; for b in /usr/sbin/nginx /usr/bin/prometheus; do [ -x $$b ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing Debian packages nginx prometheus"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx prometheus >/dev/null; \
+	  systemctl disable --now nginx prometheus >/dev/null 2>&1 || true; \
+	  pkill -x nginx || true; pkill -x prometheus || true; \
+	fi
+
+provision: $(STAMP) ## find or build the pinned Kubernetes/etcd/kwok/helm binaries (cold: ~25 min, cached after)
+	$(PY) -m recserve_cluster provision
+
+cluster-up: provision ## start the local cluster (real control plane + kwok GPU nodes)
+	$(PY) -m recserve_cluster up
+
+cluster-down: ## stop the local cluster and every process it started
+	$(PY) -m recserve_cluster down
+
+lint: $(STAMP) ## ruff, mypy, import contracts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test-unit: $(STAMP) ## fast unit tests only
+	$(VENV)/bin/pytest -m "not integration and not builder and not triton and not dataplane" $(PYTEST_ARGS)
+
+test: setup provision lint ## everything CI runs: lint, unit, builder, Triton, control-plane and data-plane tests
+	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; rc=1; fi; \
+	$(PY) -m recserve_cluster down || true; \
+	exit $$rc
+
+.PHONY: help setup system-packages provision cluster-up cluster-down lint test-unit test

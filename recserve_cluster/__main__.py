@@ -1,0 +1,52 @@
+"""CLI: provision binaries and bring the local test cluster up or down (`python -m recserve_cluster up`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import tools
+from .cluster import get_provider
+from .errors import ClusterError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recserve-cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("provision", help="find or build the pinned control-plane binaries (cached outside the tree)")
+    sub.add_parser("up", help="create (or reuse) the cluster chosen by RECSERVE_CLUSTER_PROVIDER (default kwok)")
+    sub.add_parser("down", help="delete the cluster and stop every process it started")
+    sub.add_parser("kubeconfig", help="print the kubeconfig path of the running cluster")
+    sub.add_parser("versions", help="print the pinned versions")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    try:
+        if args.cmd == "provision":
+            for name, path in tools.provision().items():
+                print(f"{name}\t{path}")
+        elif args.cmd == "up":
+            cluster = get_provider().up()
+            print(cluster.kubeconfig)
+        elif args.cmd == "down":
+            get_provider().down()
+        elif args.cmd == "kubeconfig":
+            current = get_provider().current()
+            if current is None:
+                raise ClusterError("no cluster is running; start one with `make cluster-up`")
+            print(current.kubeconfig)
+        elif args.cmd == "versions":
+            for t in tools.TOOLS:
+                print(f"{t.name}\t{t.version}")
+            print(f"gateway-api\t{tools.GATEWAY_API_VERSION}\nprometheus-operator-crds\t{tools.PROMETHEUS_OPERATOR_VERSION}")
+    except ClusterError as exc:
+        print(f"recserve-cluster: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(f"[recserve-cluster] {args.cmd} done in {time.monotonic() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

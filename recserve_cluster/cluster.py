@@ -1,0 +1,378 @@
+"""Cluster providers: kwok (real control plane as processes), kind, or an existing cluster from KUBECONFIG."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+from . import tools
+from .errors import ClusterError
+from .nodes import DEFAULT_NODES, KWOK_NODE_ANNOTATION, build_node
+from .waiting import wait_for
+
+CLUSTER_NAME = os.environ.get("RECSERVE_CLUSTER_NAME", "recserve")
+PROVIDER_ENV = "RECSERVE_CLUSTER_PROVIDER"
+
+
+def _log(msg: str) -> None:
+    print(f"[recserve-cluster] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Cluster:
+    """A reachable cluster: where its kubeconfig is and which tools talk to it."""
+
+    provider: str
+    kubeconfig: Path
+    bins: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def kubectl_path(self) -> str:
+        return str(self.bins.get("kubectl") or shutil.which("kubectl") or "kubectl")
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses (operator, helm) that must talk to this cluster."""
+        path = os.pathsep.join(sorted({str(p.parent) for p in self.bins.values()}))
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": path + os.pathsep + os.environ["PATH"]}
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [self.kubectl_path, "--kubeconfig", str(self.kubeconfig), *args]
+        try:
+            out = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, env=self.env)
+        except subprocess.TimeoutExpired as exc:
+            raise ClusterError(f"kubectl {' '.join(args)} timed out after {timeout}s") from exc
+        if check and out.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed (exit {out.returncode}): {out.stderr.strip()}")
+        return out
+
+    def apply_objects(self, objects: list[dict[str, object]]) -> None:
+        doc = yaml.safe_dump_all(objects, sort_keys=False)
+        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=recserve-cluster", "-f", "-",
+                     input=doc)
+
+
+class Provider(Protocol):
+    """How a test cluster is obtained and released."""
+
+    name: str
+
+    def up(self) -> Cluster: ...
+
+    def down(self) -> None: ...
+
+    def current(self) -> Cluster | None: ...
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _workdir() -> Path:
+    return Path(os.environ.get("KWOK_WORKDIR") or tools.cache_dir() / "kwok")
+
+
+class KwokProvider:
+    """kube-apiserver, etcd, controller-manager, scheduler and kwok as local processes (kwokctl binary runtime)."""
+
+    name = "kwok"
+
+    def __init__(self, cluster_name: str = CLUSTER_NAME) -> None:
+        self.cluster_name = cluster_name
+
+    @property
+    def cluster_dir(self) -> Path:
+        return _workdir() / "clusters" / self.cluster_name
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cluster_dir / "kubeconfig.yaml"
+
+    def _env(self, bins: dict[str, Path]) -> dict[str, str]:
+        # kwokctl looks up kubectl on PATH and would try to download one otherwise.
+        path = os.pathsep.join(sorted({str(p.parent) for p in bins.values()}))
+        return {**os.environ, "KWOK_WORKDIR": str(_workdir()), "PATH": path + os.pathsep + os.environ.get("PATH", "")}
+
+    def current(self) -> Cluster | None:
+        if not self.kubeconfig.exists():
+            return None
+        bins = tools.provision(build=False)
+        cluster = Cluster(self.name, self.kubeconfig, bins)
+        probe = cluster.kubectl("get", "--raw", "/readyz", check=False, timeout=10)
+        return cluster if probe.returncode == 0 else None
+
+    def up(self) -> Cluster:
+        bins = tools.provision()
+        existing = self.current()
+        if existing:
+            _log(f"cluster {self.cluster_name!r} already running (kubeconfig {self.kubeconfig})")
+            prepare(existing)
+            return existing
+        if self.cluster_dir.exists():
+            # A stopped or half-created cluster: remove it so creation starts clean.
+            self._delete(bins)
+        requested = os.environ.get("RECSERVE_APISERVER_PORT")
+        port = int(requested) if requested else _free_port()
+        if _port_taken(port):
+            raise ClusterError(
+                f"port {port} for kube-apiserver is already in use; free it or set RECSERVE_APISERVER_PORT"
+            )
+        config = _workdir() / f"{self.cluster_name}-kwokctl.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+                    "kind": "KwokctlConfiguration",
+                    "options": {"bindAddress": "127.0.0.1", "kubectlBinary": str(bins["kubectl"])},
+                }
+            )
+        )
+        _log(f"creating cluster {self.cluster_name!r} (kube-apiserver on 127.0.0.1:{port})")
+        start = time.monotonic()
+        cmd = [
+            str(bins["kwokctl"]), "create", "cluster", "--name", self.cluster_name, "--runtime", "binary",
+            "--config", str(config), "--kubeconfig", "", "--wait", "3m",
+            "--kube-apiserver-port", str(port),
+            "--kube-apiserver-binary", str(bins["kube-apiserver"]),
+            "--kube-controller-manager-binary", str(bins["kube-controller-manager"]),
+            "--kube-scheduler-binary", str(bins["kube-scheduler"]),
+            "--etcd-binary", str(bins["etcd"]),
+            "--kwok-controller-binary", str(bins["kwok"]),
+            "--extra-args", "kube-apiserver=advertise-address=127.0.0.1",
+        ]
+        out = subprocess.run(cmd, env=self._env(bins), capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            logs = self.cluster_dir / "logs"
+            raise ClusterError(
+                f"kwokctl create cluster failed (exit {out.returncode}); component logs in {logs}:\n"
+                + "\n".join((out.stdout + out.stderr).strip().splitlines()[-20:])
+            )
+        cluster = Cluster(self.name, self.kubeconfig, bins)
+        _log(f"control plane up in {time.monotonic() - start:.1f}s")
+        prepare(cluster)
+        return cluster
+
+    def _delete(self, bins: dict[str, Path]) -> None:
+        subprocess.run(
+            [str(bins["kwokctl"]), "delete", "cluster", "--name", self.cluster_name],
+            env=self._env(bins), capture_output=True, text=True, timeout=180,
+        )
+        shutil.rmtree(self.cluster_dir, ignore_errors=True)
+
+    def down(self) -> None:
+        bins = tools.provision(build=False)
+        if self.cluster_dir.exists():
+            _log(f"deleting cluster {self.cluster_name!r}")
+            self._delete(bins)
+
+
+class _SideKwok:
+    """A local kwok controller that manages only annotated fake nodes in someone else's cluster."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.pidfile = tools.cache_dir() / "kwok-side" / f"{abs(hash(str(kubeconfig)))}.pid"
+        self.kubeconfig = kubeconfig
+
+    def start(self, kwok: Path) -> None:
+        self.stop()
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.pidfile.with_suffix(".log"), "w")  # noqa: SIM115 - handed to the child process
+        proc = subprocess.Popen(
+            [str(kwok), "--kubeconfig", str(self.kubeconfig), "--manage-all-nodes=false",
+             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake", "--server-address=127.0.0.1:0"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.pidfile.write_text(str(proc.pid))
+
+    def stop(self) -> None:
+        if self.pidfile.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+                os.killpg(int(self.pidfile.read_text()), signal.SIGTERM)
+            self.pidfile.unlink(missing_ok=True)
+
+
+class ExistingProvider:
+    """Any cluster reachable through KUBECONFIG; fake GPU nodes are added only when RECSERVE_FAKE_GPU_NODES=1."""
+
+    name = "existing"
+
+    def __init__(self) -> None:
+        kc = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        self._kubeconfig = Path(kc.split(os.pathsep)[0])
+
+    def current(self) -> Cluster | None:
+        if not self._kubeconfig.exists():
+            return None
+        return Cluster(self.name, self._kubeconfig, _optional_bins())
+
+    def up(self) -> Cluster:
+        cluster = self.current()
+        if cluster is None:
+            raise ClusterError(
+                f"provider 'existing' needs a kubeconfig: {self._kubeconfig} does not exist (set KUBECONFIG)"
+            )
+        probe = cluster.kubectl("get", "--raw", "/readyz", check=False, timeout=15)
+        if probe.returncode != 0:
+            raise ClusterError(f"cluster in {self._kubeconfig} is not reachable: {probe.stderr.strip()}")
+        if os.environ.get("RECSERVE_FAKE_GPU_NODES") == "1":
+            _SideKwok(self._kubeconfig).start(tools.resolve(_tool("kwok")))
+        prepare(cluster, add_nodes=os.environ.get("RECSERVE_FAKE_GPU_NODES") == "1")
+        return cluster
+
+    def down(self) -> None:
+        # Never delete a cluster we did not create; only stop our side kwok controller and nodes.
+        cluster = self.current()
+        if cluster and os.environ.get("RECSERVE_FAKE_GPU_NODES") == "1":
+            for node in DEFAULT_NODES:
+                cluster.kubectl("delete", "node", node.name, "--ignore-not-found", check=False)
+            _SideKwok(self._kubeconfig).stop()
+
+
+class KindProvider:
+    """A kind cluster (needs a container engine) with kwok-managed fake GPU nodes beside the real kind node."""
+
+    name = "kind"
+
+    def __init__(self, cluster_name: str = CLUSTER_NAME) -> None:
+        self.cluster_name = cluster_name
+        self._kubeconfig = tools.cache_dir() / "kind" / f"{cluster_name}.kubeconfig"
+
+    def _kind(self) -> str:
+        kind = shutil.which("kind")
+        if not kind:
+            raise ClusterError("provider 'kind' needs the kind binary on PATH and a working container engine")
+        return kind
+
+    def current(self) -> Cluster | None:
+        if not self._kubeconfig.exists():
+            return None
+        return Cluster(self.name, self._kubeconfig, _optional_bins())
+
+    def up(self) -> Cluster:
+        kind = self._kind()
+        clusters = subprocess.run([kind, "get", "clusters"], capture_output=True, text=True).stdout.split()
+        self._kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+        if self.cluster_name not in clusters:
+            _log(f"creating kind cluster {self.cluster_name!r}")
+            out = subprocess.run([kind, "create", "cluster", "--name", self.cluster_name, "--kubeconfig",
+                                  str(self._kubeconfig), "--wait", "3m"], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise ClusterError(f"kind create cluster failed: {out.stderr.strip()[-2000:]}")
+        else:
+            kc = subprocess.run([kind, "get", "kubeconfig", "--name", self.cluster_name], capture_output=True,
+                                text=True, check=True)
+            self._kubeconfig.write_text(kc.stdout)
+        _SideKwok(self._kubeconfig).start(tools.resolve(_tool("kwok")))
+        cluster = Cluster(self.name, self._kubeconfig, _optional_bins())
+        prepare(cluster)
+        return cluster
+
+    def down(self) -> None:
+        _SideKwok(self._kubeconfig).stop()
+        subprocess.run([self._kind(), "delete", "cluster", "--name", self.cluster_name], capture_output=True)
+        self._kubeconfig.unlink(missing_ok=True)
+
+
+def _tool(name: str) -> tools.Tool:
+    return next(t for t in tools.TOOLS if t.name == name)
+
+
+def _optional_bins() -> dict[str, Path]:
+    """Pinned kubectl and helm when provisioned; on other providers PATH versions are acceptable."""
+    found: dict[str, Path] = {}
+    for name in ("kubectl", "helm"):
+        try:
+            found[name] = tools.resolve(_tool(name), build=False)
+        except ClusterError:
+            on_path = shutil.which(name)
+            if on_path:
+                found[name] = Path(on_path)
+    return found
+
+
+PROVIDERS: dict[str, type[KwokProvider] | type[KindProvider] | type[ExistingProvider]] = {
+    "kwok": KwokProvider,
+    "kind": KindProvider,
+    "existing": ExistingProvider,
+}
+
+
+def get_provider(name: str | None = None) -> KwokProvider | KindProvider | ExistingProvider:
+    """The provider named by RECSERVE_CLUSTER_PROVIDER (default kwok)."""
+    chosen = name or os.environ.get(PROVIDER_ENV, "kwok")
+    if chosen not in PROVIDERS:
+        raise ClusterError(f"unknown {PROVIDER_ENV}={chosen!r}; choose one of {', '.join(PROVIDERS)}")
+    return PROVIDERS[chosen]()
+
+
+def addon_crd_files() -> list[Path]:
+    """Gateway API standard CRDs and Prometheus Operator ServiceMonitor/PodMonitor CRDs, from their Go modules."""
+    gw = tools.go_module_dir("sigs.k8s.io/gateway-api", tools.GATEWAY_API_VERSION) / "config/crd/standard"
+    po = tools.go_module_dir("github.com/prometheus-operator/prometheus-operator", tools.PROMETHEUS_OPERATOR_VERSION)
+    files = sorted(p for p in gw.glob("gateway.networking.k8s.io_*.yaml") if "vap_" not in p.name)
+    files += [po / "example/prometheus-operator-crd" / f"monitoring.coreos.com_{k}.yaml"
+              for k in ("servicemonitors", "podmonitors")]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise ClusterError(f"add-on CRD files missing from the Go modules: {missing}")
+    return files
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 1.0) -> None:
+    try:
+        wait_for(check, timeout, interval, what)
+    except TimeoutError as exc:
+        raise ClusterError(str(exc)) from None
+
+
+def prepare(cluster: Cluster, add_nodes: bool = True) -> None:
+    """Idempotently add the simulated nodes and the add-on CRDs, then wait for them to be usable."""
+    if add_nodes:
+        cluster.apply_objects([build_node(n) for n in DEFAULT_NODES])
+    # Large CRDs (HTTPRoute, ServiceMonitor) exceed the client-side apply annotation limit: server-side.
+    crds: list[str] = []
+    for f in addon_crd_files():
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=recserve-cluster", "-f", str(f),
+                        timeout=120)
+        crds.append(f"crd/{yaml.safe_load(f.read_text())['metadata']['name']}")
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=120s", *crds, timeout=150)
+    if add_nodes:
+        names = [n.name for n in DEFAULT_NODES]
+
+        def nodes_ready() -> bool:
+            out = cluster.kubectl("get", "nodes", *names, "-o", "json", check=False)
+            if out.returncode != 0:
+                return False
+            items = json.loads(out.stdout)["items"]
+            return len(items) == len(names) and all(
+                any(c["type"] == "Ready" and c["status"] == "True" for c in i["status"].get("conditions", []))
+                for i in items
+            )
+
+        wait_until(nodes_ready, 120, "simulated nodes to become Ready")
+    # The default ServiceAccount must exist before pods can be created in a namespace.
+    wait_until(lambda: cluster.kubectl("get", "sa", "default", "-n", "default", check=False).returncode == 0, 60,
+               "the default ServiceAccount")

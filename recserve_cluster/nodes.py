@@ -1,0 +1,77 @@
+"""Simulated test-cluster nodes: two GPU products, labelled as NVIDIA GPU feature discovery does, and a CPU node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# kwok in binary mode manages every node; on kind or an existing cluster it only manages nodes
+# carrying this annotation, so the same fake GPU nodes work everywhere without touching real ones.
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+GPU_TAINT_KEY = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One simulated node: capacity and, for GPU nodes, the product GFD would report."""
+
+    name: str
+    cpu: str
+    memory: str
+    gpus: int = 0
+    gpu_product: str = ""
+    gpu_memory_mib: int = 0
+
+
+DEFAULT_NODES: tuple[NodeSpec, ...] = (
+    NodeSpec("gpu-h100", cpu="64", memory="512Gi", gpus=8, gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559),
+    NodeSpec("gpu-a10g", cpu="32", memory="128Gi", gpus=4, gpu_product="NVIDIA-A10G", gpu_memory_mib=23028),
+    NodeSpec("cpu-0", cpu="16", memory="64Gi"),
+)
+
+
+def build_node(spec: NodeSpec) -> dict[str, Any]:
+    """A Node object with status set at creation, as kwok expects (nodes accept status on create)."""
+    labels = {
+        "kubernetes.io/hostname": spec.name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "node.kubernetes.io/instance-type": "gpu" if spec.gpus else "cpu",
+        "type": "kwok",
+    }
+    capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": "110", "ephemeral-storage": "500Gi"}
+    taints: list[dict[str, str]] = []
+    if spec.gpus:
+        labels.update(
+            {
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": spec.gpu_product,
+                "nvidia.com/gpu.count": str(spec.gpus),
+                "nvidia.com/gpu.memory": str(spec.gpu_memory_mib),
+                "nvidia.com/gpu.family": "hopper" if "H100" in spec.gpu_product else "ampere",
+            }
+        )
+        capacity["nvidia.com/gpu"] = str(spec.gpus)
+        taints.append({"key": GPU_TAINT_KEY, "value": "present", "effect": "NoSchedule"})
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": spec.name,
+            "labels": labels,
+            "annotations": {KWOK_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": {"taints": taints} if taints else {},
+        "status": {
+            "capacity": capacity,
+            "allocatable": dict(capacity),
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "fake",
+                "kubeProxyVersion": "fake",
+                "containerRuntimeVersion": "kwok",
+            },
+            "phase": "Running",
+        },
+    }

@@ -1,0 +1,1 @@
+"""RecServe operator: reconciles RecommenderModels into Triton deployments and traffic."""

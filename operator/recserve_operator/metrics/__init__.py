@@ -1,0 +1,1 @@
+"""Metric providers feeding rollout analysis (Prometheus)."""

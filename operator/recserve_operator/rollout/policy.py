@@ -1,0 +1,323 @@
+"""Typed model of `spec.rollout` (strategy, steps, routing, analysis, A/B test, manual control)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+_E = TypeVar("_E", bound=StrEnum)
+
+__all__ = [
+    "AbTestPolicy",
+    "AnalysisPolicy",
+    "CanaryStep",
+    "ManualAction",
+    "MetricCheck",
+    "ParentRef",
+    "PolicyError",
+    "RolloutPolicy",
+    "RoutingPolicy",
+    "RoutingProvider",
+    "Strategy",
+    "parse_duration",
+]
+
+DEFAULT_STICKY_HEADER = "x-user-id"
+DEFAULT_VARIANT_HEADER = "x-recserve-variant"
+_HEADER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class PolicyError(ValueError):
+    """Raised when `spec.rollout` is invalid; the message names the offending field."""
+
+
+class Strategy(StrEnum):
+    CANARY = "canary"
+    AB_TEST = "abTest"
+    IMMEDIATE = "immediate"
+
+
+class RoutingProvider(StrEnum):
+    BUILTIN = "builtin"
+    GATEWAY_API = "gatewayAPI"
+
+
+class ManualAction(StrEnum):
+    NONE = ""
+    PAUSE = "pause"
+    RESUME = "resume"
+    PROMOTE = "promote"
+    ABORT = "abort"
+
+
+def parse_duration(value: object, field: str = "duration") -> float:
+    """Parse "30s", "5m", "1h30m", "250ms" or a bare number of seconds into seconds."""
+    if isinstance(value, bool):
+        raise PolicyError(f"{field}: expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise PolicyError(f"{field}: empty duration")
+        pos = 0
+        seconds = 0.0
+        for match in _DURATION_PART_RE.finditer(text):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            pos = match.end()
+        if pos != len(text):
+            raise PolicyError(f"{field}: invalid duration {value!r} (use e.g. 30s, 5m, 1h30m)")
+    else:
+        raise PolicyError(f"{field}: expected a duration string, got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise PolicyError(f"{field}: duration must be finite and >= 0, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class CanaryStep:
+    weight: int
+    pause_s: float
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    name: str
+    namespace: str | None = None
+    section_name: str | None = None
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    provider: RoutingProvider = RoutingProvider.BUILTIN
+    parent_ref: ParentRef | None = None
+    sticky_header: str = DEFAULT_STICKY_HEADER
+    variant_header: str = DEFAULT_VARIANT_HEADER
+
+
+@dataclass(frozen=True)
+class MetricCheck:
+    name: str
+    query: str
+    max: float | None = None
+    min: float | None = None
+
+
+@dataclass(frozen=True)
+class AbTestPolicy:
+    metric: str = "ctr"
+    clicks: str = ""
+    impressions: str = ""
+    confidence: float = 0.95
+    min_impressions: int = 10000
+    power: float = 0.8
+    min_detectable_effect: float = 0.1
+    max_duration_s: float = 86400.0
+    split: int = 50
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - self.confidence
+
+
+@dataclass(frozen=True)
+class AnalysisPolicy:
+    interval_s: float = 60.0
+    prometheus: str = ""
+    max_error_rate: float | None = 0.01
+    max_p99_latency_ms: float | None = None
+    min_requests: int = 100
+    failure_limit: int = 1
+    checks: tuple[MetricCheck, ...] = ()
+    ab_test: AbTestPolicy | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Analysis runs when spec.rollout.analysis is set and a Prometheus endpoint is known."""
+        return bool(self.prometheus)
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    strategy: Strategy = Strategy.IMMEDIATE  # the CRD's default
+    steps: tuple[CanaryStep, ...] = ()
+    routing: RoutingPolicy = RoutingPolicy()
+    analysis: AnalysisPolicy = AnalysisPolicy()
+    action: ManualAction = ManualAction.NONE
+
+    @classmethod
+    def from_spec(cls, d: Mapping[str, Any] | None, default_prometheus: str = "") -> RolloutPolicy:
+        """Parse the schema-defaulted `spec.rollout` dict; raise PolicyError on invalid input.
+
+        `default_prometheus` (the operator's setting) is used when `analysis` is given without a URL; without
+        an `analysis` section a canary advances on its pauses alone.
+        """
+        d = _mapping(d or {}, "rollout")
+        strategy = _enum(Strategy, d.get("strategy", Strategy.IMMEDIATE.value), "rollout.strategy")
+        steps = _parse_steps(d.get("steps") or [])
+        routing = _parse_routing(_mapping(d.get("routing") or {}, "rollout.routing"))
+        analysis = _parse_analysis(_mapping(d.get("analysis") or {}, "rollout.analysis"), default_prometheus)
+        control = _mapping(d.get("control") or {}, "rollout.control")
+        action = _enum(ManualAction, control.get("action") or "", "rollout.control.action")
+        if strategy is Strategy.CANARY and not steps:
+            raise PolicyError("rollout.steps: a canary needs at least one step")
+        if strategy is Strategy.AB_TEST:
+            ab = analysis.ab_test
+            if ab is None or not ab.clicks or not ab.impressions:
+                raise PolicyError("rollout.analysis.abTest: clicks and impressions queries are required for abTest")
+            if not analysis.enabled:
+                raise PolicyError("rollout.analysis.prometheus: required for abTest")
+        return cls(strategy=strategy, steps=steps, routing=routing, analysis=analysis, action=action)
+
+
+def _mapping(value: object, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"{field}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _enum(enum: type[_E], value: object, field: str) -> _E:
+    try:
+        return enum(str(value)) if isinstance(value, str) else enum(value)  # type: ignore[arg-type]
+    except ValueError:
+        allowed = " | ".join(repr(m.value) for m in enum)
+        raise PolicyError(f"{field}: {value!r} is not one of {allowed}") from None
+
+
+def _number(value: object, field: str, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise PolicyError(f"{field}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise PolicyError(f"{field}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or (lo is not None and number < lo) or (hi is not None and number > hi):
+        raise PolicyError(f"{field}: {value!r} is outside [{lo}, {hi}]")
+    return number
+
+
+def _integer(value: object, field: str, lo: int | None = None, hi: int | None = None) -> int:
+    number = _number(value, field, lo, hi)
+    if not number.is_integer():
+        raise PolicyError(f"{field}: expected an integer, got {value!r}")
+    return int(number)
+
+
+def _optional_number(d: Mapping[str, Any], key: str, field: str, default: float | None) -> float | None:
+    value = d.get(key, default)
+    return None if value is None else _number(value, field, lo=0.0)
+
+
+def _header(value: object, field: str) -> str:
+    # Header names end up in nginx variable names and config, so only token characters are allowed.
+    if not isinstance(value, str) or not _HEADER_RE.match(value):
+        raise PolicyError(f"{field}: {value!r} is not a valid header name (letters, digits, '-')")
+    return value.lower()
+
+
+def _parse_steps(raw: object) -> tuple[CanaryStep, ...]:
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise PolicyError("rollout.steps: expected a list")
+    steps: list[CanaryStep] = []
+    for i, item in enumerate(raw):
+        step = _mapping(item, f"rollout.steps[{i}]")
+        weight = _integer(step.get("weight"), f"rollout.steps[{i}].weight", 1, 100)
+        if steps and weight <= steps[-1].weight:
+            raise PolicyError(f"rollout.steps[{i}].weight: weights must be strictly increasing ({weight})")
+        pause = parse_duration(step.get("pause", "0s"), f"rollout.steps[{i}].pause")
+        steps.append(CanaryStep(weight=weight, pause_s=pause))
+    return tuple(steps)
+
+
+def _parse_routing(d: Mapping[str, Any]) -> RoutingPolicy:
+    provider = _enum(RoutingProvider, d.get("provider", RoutingProvider.BUILTIN.value), "rollout.routing.provider")
+    parent_ref: ParentRef | None = None
+    if d.get("parentRef"):
+        ref = _mapping(d["parentRef"], "rollout.routing.parentRef")
+        name = ref.get("name")
+        if not isinstance(name, str) or not name:
+            raise PolicyError("rollout.routing.parentRef.name: required")
+        namespace, section = ref.get("namespace") or None, ref.get("sectionName") or None
+        parent_ref = ParentRef(name, namespace=namespace, section_name=section)
+    if provider is RoutingProvider.GATEWAY_API and parent_ref is None:
+        raise PolicyError("rollout.routing.parentRef: required for provider gatewayAPI")
+    sticky = _header(d.get("stickyHeader", DEFAULT_STICKY_HEADER), "rollout.routing.stickyHeader")
+    variant = _header(d.get("variantHeader", DEFAULT_VARIANT_HEADER), "rollout.routing.variantHeader")
+    if sticky == variant:
+        raise PolicyError("rollout.routing: stickyHeader and variantHeader must differ")
+    return RoutingPolicy(provider=provider, parent_ref=parent_ref, sticky_header=sticky, variant_header=variant)
+
+
+def _parse_checks(raw: object) -> tuple[MetricCheck, ...]:
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise PolicyError("rollout.analysis.checks: expected a list")
+    checks: list[MetricCheck] = []
+    for i, item in enumerate(raw):
+        c = _mapping(item, f"rollout.analysis.checks[{i}]")
+        name, query = c.get("name"), c.get("query")
+        if not isinstance(name, str) or not name:
+            raise PolicyError(f"rollout.analysis.checks[{i}].name: required")
+        if not isinstance(query, str) or not query:
+            raise PolicyError(f"rollout.analysis.checks[{i}].query: required")
+        hi = None if c.get("max") is None else _number(c["max"], f"rollout.analysis.checks[{i}].max")
+        lo = None if c.get("min") is None else _number(c["min"], f"rollout.analysis.checks[{i}].min")
+        if hi is None and lo is None:
+            raise PolicyError(f"rollout.analysis.checks[{i}]: set min and/or max")
+        if hi is not None and lo is not None and lo > hi:
+            raise PolicyError(f"rollout.analysis.checks[{i}]: min {lo} > max {hi}")
+        checks.append(MetricCheck(name=name, query=query, max=hi, min=lo))
+    if len({c.name for c in checks}) != len(checks):
+        raise PolicyError("rollout.analysis.checks: names must be unique")
+    return tuple(checks)
+
+
+def _parse_ab(d: Mapping[str, Any]) -> AbTestPolicy:
+    f = "rollout.analysis.abTest"
+    clicks, impressions = d.get("clicks", ""), d.get("impressions", "")
+    if not isinstance(clicks, str) or not isinstance(impressions, str):
+        raise PolicyError(f"{f}: clicks and impressions must be PromQL strings")
+    mde = _number(d.get("minDetectableEffect", 0.1), f"{f}.minDetectableEffect", 0.0, 10.0)
+    if mde <= 0:
+        # A zero effect has no finite sample size and gives the mSPRT mixture no width.
+        raise PolicyError(f"{f}.minDetectableEffect: must be > 0 (a relative lift such as 0.05)")
+    return AbTestPolicy(
+        metric=str(d.get("metric", "ctr")),
+        clicks=clicks,
+        impressions=impressions,
+        confidence=_number(d.get("confidence", 0.95), f"{f}.confidence", 0.5, 0.9999),
+        min_impressions=_integer(d.get("minImpressions", 10000), f"{f}.minImpressions", 0),
+        power=_number(d.get("power", 0.8), f"{f}.power", 0.5, 0.9999),
+        min_detectable_effect=mde,
+        max_duration_s=parse_duration(d.get("maxDuration", "24h"), f"{f}.maxDuration"),
+        split=_integer(d.get("split", 50), f"{f}.split", 1, 99),
+    )
+
+
+def _parse_analysis(d: Mapping[str, Any], default_prometheus: str) -> AnalysisPolicy:
+    f = "rollout.analysis"
+    prometheus = d.get("prometheus") or (default_prometheus if d else "")
+    if not isinstance(prometheus, str):
+        raise PolicyError(f"{f}.prometheus: expected a URL string")
+    interval = parse_duration(d.get("interval", "1m"), f"{f}.interval")
+    if interval <= 0:
+        raise PolicyError(f"{f}.interval: must be > 0")
+    ab_raw = d.get("abTest")
+    return AnalysisPolicy(
+        interval_s=interval,
+        prometheus=prometheus.rstrip("/"),
+        max_error_rate=_optional_number(d, "maxErrorRate", f"{f}.maxErrorRate", 0.01),
+        max_p99_latency_ms=_optional_number(d, "maxP99LatencyMs", f"{f}.maxP99LatencyMs", None),
+        min_requests=_integer(d.get("minRequests", 100), f"{f}.minRequests", 0),
+        # The CRD allows 0; zero tolerated failures and one are the same rule: the first failure rolls back.
+        failure_limit=max(1, _integer(d.get("failureLimit", 1), f"{f}.failureLimit", 0)),
+        checks=_parse_checks(d.get("checks") or []),
+        ab_test=_parse_ab(_mapping(ab_raw, f"{f}.abTest")) if ab_raw else None,
+    )

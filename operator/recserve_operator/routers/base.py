@@ -1,0 +1,79 @@
+"""Router protocol and factory: turn a traffic plan into the Kubernetes objects that realise it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from recserve_operator.rollout.policy import ParentRef, RoutingPolicy, RoutingProvider
+from recserve_operator.routers import builtin
+from recserve_operator.routers.gateway_api import build_httproute
+from recserve_operator.routers.plan import TrafficPlan
+
+__all__ = ["BuiltinRouter", "GatewayApiRouter", "Router", "UnknownRouterError", "get_router", "router_name"]
+
+
+class UnknownRouterError(ValueError):
+    """Raised for a routing provider this operator does not implement."""
+
+
+def router_name(model: str) -> str:
+    """Name of the router objects (HTTPRoute, or nginx ConfigMap/Deployment/Service) for a model."""
+    return f"{model}-router"
+
+
+class Router(Protocol):
+    @property
+    def provider(self) -> RoutingProvider: ...
+
+    def render(
+        self, plan: TrafficPlan, name: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Objects to apply (server-side apply) so that traffic follows `plan`."""
+        ...
+
+
+@dataclass(frozen=True)
+class GatewayApiRouter:
+    parent_ref: ParentRef
+    provider: RoutingProvider = RoutingProvider.GATEWAY_API
+
+    def render(
+        self, plan: TrafficPlan, name: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        return [build_httproute(plan, name, namespace, self.parent_ref, owner_ref=owner_ref)]
+
+
+@dataclass(frozen=True)
+class BuiltinRouter:
+    image: str = builtin.DEFAULT_IMAGE
+    replicas: int = 2
+    provider: RoutingProvider = RoutingProvider.BUILTIN
+
+    def render(
+        self, plan: TrafficPlan, name: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        cm = builtin.build_router_configmap(name, namespace, plan, owner_ref)
+        conf_hash = builtin.config_hash(cm["data"][builtin.CONF_KEY])
+        return [
+            cm,
+            builtin.build_router_deployment(
+                name, namespace, name, conf_hash, image=self.image, replicas=self.replicas, owner_ref=owner_ref
+            ),
+            builtin.build_router_service(name, namespace, owner_ref),
+        ]
+
+
+def get_router(provider: str, routing: RoutingPolicy | None = None, *, image: str | None = None) -> Router:
+    """Router for a provider name ("builtin" | "gatewayAPI"); raises UnknownRouterError otherwise."""
+    try:
+        kind = RoutingProvider(provider)
+    except ValueError:
+        allowed = ", ".join(p.value for p in RoutingProvider)
+        raise UnknownRouterError(f"unknown routing provider {provider!r} (known: {allowed})") from None
+    if kind is RoutingProvider.GATEWAY_API:
+        if routing is None or routing.parent_ref is None:
+            raise UnknownRouterError("gatewayAPI routing needs rollout.routing.parentRef")
+        return GatewayApiRouter(routing.parent_ref)
+    return BuiltinRouter(image=image or builtin.DEFAULT_IMAGE)

@@ -1,0 +1,1 @@
+"""Unit tests of the rollout engine, routers and metric providers."""

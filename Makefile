@@ -39,18 +39,35 @@ cluster-up: provision ## start the local cluster (real control plane + kwok GPU 
 cluster-down: ## stop the local cluster and every process it started
 	$(PY) -m recserve_cluster down
 
-lint: $(STAMP) ## ruff, mypy, import contracts
+TOOLS_STAMP := .venv-tools/.installed
+$(TOOLS_STAMP): requirements/tools.txt
+	@echo "==> installing checkov into .venv-tools (its pins conflict with the main environment)"
+	$(PYTHON) -m venv .venv-tools
+	.venv-tools/bin/pip install -q --no-cache-dir -r requirements/tools.txt
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP) ## security scanner (checkov) in its own virtualenv
+
+chart-crds: $(STAMP) ## copy crds/ into the chart (the single source of truth is crds/)
+	$(PY) hack/sync_crds.py
+
+requirements: $(STAMP) ## regenerate the pinned image requirement sets from constraints.txt
+	$(PY) hack/gen_requirements.py
+
+lint: $(STAMP) ## ruff, mypy, import contracts, CRD and requirement drift
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(PY) hack/sync_crds.py --check
+	$(PY) hack/gen_requirements.py --check
 
 test-unit: $(STAMP) ## fast unit tests only
-	$(VENV)/bin/pytest -m "not integration and not builder and not triton and not dataplane" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not integration and not builder and not triton and not dataplane and not chart" $(PYTEST_ARGS)
 
-test: setup provision lint ## everything CI runs: lint, unit, builder, Triton, control-plane and data-plane tests
+test: setup provision tools lint ## everything CI runs: lint, unit, builder, Triton, control-plane and data-plane tests
 	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; rc=1; fi; \
 	$(PY) -m recserve_cluster down || true; \
 	exit $$rc
 
-.PHONY: help setup system-packages provision cluster-up cluster-down lint test-unit test
+.PHONY: help setup system-packages provision tools chart-crds requirements cluster-up cluster-down lint test-unit test

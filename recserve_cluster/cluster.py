@@ -162,6 +162,9 @@ class KwokProvider:
             "--etcd-binary", str(bins["etcd"]),
             "--kwok-controller-binary", str(bins["kwok"]),
             "--extra-args", "kube-apiserver=advertise-address=127.0.0.1",
+            # The default /24 runs out at ~250 Services; the operator benchmark creates hundreds.
+            "--extra-args", "kube-apiserver=service-cluster-ip-range=10.96.0.0/16",
+            "--extra-args", "kube-controller-manager=service-cluster-ip-range=10.96.0.0/16",
         ]
         out = subprocess.run(cmd, env=self._env(bins), capture_output=True, text=True, timeout=600)
         if out.returncode != 0:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ ROUTER_PORT = 8080
 SERVICE_PORT = 8000  # clients keep talking to the Triton HTTP port number
 BACKEND_PORT = 8000
 CONF_KEY = "nginx.conf"
+PLAN_KEY = "plan.json"  # the same plan as data, for local routers (recserve_cluster.dataplane)
 CONF_DIR = "/etc/recserve-router"
 CONFIG_HASH_ANNOTATION = "recserve.dev/router-config-hash"
 _SAFE_ARG = re.compile(r'^[^\s;{}"\'\\#]+$')
@@ -301,8 +303,9 @@ def build_router_configmap(
     name: str, namespace: str, plan: TrafficPlan, owner_ref: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     conf = render_nginx_conf(plan, NginxSettings(namespace=namespace))
+    plan_json = json.dumps(plan.to_dict(), sort_keys=True, indent=2)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, namespace, owner_ref),
-            "data": {CONF_KEY: conf}}  # fmt: skip
+            "data": {CONF_KEY: conf, PLAN_KEY: plan_json}}  # fmt: skip
 
 
 def build_router_deployment(

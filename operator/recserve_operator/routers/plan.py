@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from recserve_operator.rollout.machine import TrafficWeights
 from recserve_operator.rollout.policy import RoutingPolicy
@@ -49,6 +50,23 @@ class TrafficPlan:
     def canary_weight(self) -> int:
         b = self.backend(CANARY)
         return b.weight if b is not None else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, published beside the rendered router config so local data planes can follow it."""
+        return {
+            "backends": [{"variant": b.variant, "revision": b.revision, "service": b.service, "weight": b.weight}
+                         for b in self.backends],
+            "stickyHeader": self.sticky_header,
+            "variantHeader": self.variant_header,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrafficPlan:
+        backends = tuple(
+            Backend(str(b["variant"]), str(b["revision"]), str(b["service"]), int(b["weight"]))
+            for b in data["backends"]
+        )
+        return cls(backends, str(data["stickyHeader"]), str(data["variantHeader"]))
 
 
 def build_traffic_plan(

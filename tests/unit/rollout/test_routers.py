@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from recserve_operator.rollout.state import Phase, RolloutState
 from recserve_operator.routers.base import BuiltinRouter, GatewayApiRouter, UnknownRouterError, get_router
 from recserve_operator.routers.builtin import (
     assign_variant,
+    build_router_configmap,
     build_router_deployment,
     build_router_service,
     murmur2,
@@ -92,6 +94,12 @@ def test_plan_after_promotion_points_stable_at_the_new_revision() -> None:
 def test_plan_rejects_weights_not_adding_to_100() -> None:
     with pytest.raises(ValueError, match="add up to 100"):
         TrafficPlan((Backend("stable", "a", "s-a", 90),), "x-user-id", "x-recserve-variant")
+
+
+def test_plan_round_trips_through_the_router_configmaps_plan_json() -> None:
+    p = plan()
+    cm = build_router_configmap("shop-router", "ns", p, OWNER)
+    assert TrafficPlan.from_dict(json.loads(cm["data"]["plan.json"])) == p
 
 
 # ---------------------------------------------------------------- golden renderings

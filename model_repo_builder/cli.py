@@ -1,0 +1,255 @@
+"""`model-repo-builder` command line: build, profile, serve-local and inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from model_repo_builder import errors
+from model_repo_builder.errors import BuilderError, ConfigError
+
+_DESCRIPTION = "Turn exported recommendation models (Keras, SavedModel, ONNX) into verified Triton model repositories."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 already; keep its message but add the hint
+        self.print_usage(sys.stderr)
+        self.exit(errors.EXIT_USAGE, f"{self.prog}: error: {message}\nrun '{self.prog} --help' for the options\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="model-repo-builder", description=_DESCRIPTION, epilog=errors.EXIT_CODES_HELP, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", help="build one model version into a Triton repository", epilog=errors.EXIT_CODES_HELP,
+                       formatter_class=fmt)
+    b.add_argument("--source", required=True, help="path, file://, https://, pvc://claim/path or s3://bucket/key")
+    b.add_argument("--format", choices=["keras", "savedmodel", "onnx"], help="source format (default: from the path)")
+    b.add_argument("--sha256", help="expected sha256 of the source; a mismatch refuses the build")
+    b.add_argument("--name", help="model name (default: template name, else the source file stem)")
+    b.add_argument("--version", type=_positive_int, help="model version (default: next free version)")
+    b.add_argument("--repo", required=True, type=Path, help="Triton model repository directory")
+    b.add_argument("--backend", choices=["onnxruntime", "tensorrt", "python"],
+                   help="onnxruntime (default), tensorrt (GPU engine) or python (ONNX Runtime in Triton's python "
+                        "backend, for CPU-only local Triton)")
+    b.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="fp32 (default); fp16 = TensorRT fp16 on GPU (ONNX stays fp32); int8 = ONNX Runtime "
+                        "quantization (dynamic, or static QDQ with --calibration)")
+    b.add_argument("--calibration", help="npz (path or URI) of representative inputs: static int8 quantization")
+    b.add_argument("--calibration-samples", type=_positive_int, help="use the first N calibration rows")
+    b.add_argument("--config-template", type=Path, help="config.pbtxt from the operator: batching/instances kept")
+    b.add_argument("--max-batch-size", type=_positive_int)
+    b.add_argument("--instance-kind", choices=["GPU", "CPU"])
+    b.add_argument("--instance-count", type=_positive_int)
+    b.add_argument("--preferred-batch-sizes", type=_int_list, help="comma-separated, e.g. 16,32")
+    b.add_argument("--max-queue-delay-us", type=int)
+    b.add_argument("--tensorrt-accelerator", action="store_true", help="ONNX Runtime TensorRT execution accelerator")
+    b.add_argument("--warmup-batch-size", type=int, help="warm the model up with a sample batch of this size")
+    b.add_argument("--parity-max-abs-error", type=float, help="default 1e-5 (fp32/fp16), 0.05 (int8)")
+    b.add_argument("--parity-samples", type=_positive_int, default=512, help="synthesized samples (default 512)")
+    b.add_argument("--parity-data", help="npz (path or URI) with inputs by name and optional 'labels'")
+    b.add_argument("--opset", type=_positive_int, default=17)
+    b.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
+    b.add_argument("--max-download-bytes", type=_positive_int)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --version")
+    b.add_argument("--cache-dir", help="reuse/store verified builds here (default: $MODEL_REPO_BUILDER_CACHE_DIR)")
+    b.add_argument("--json", action="store_true", help="print the build report as JSON on stdout")
+
+    pr = sub.add_parser("profile", help="sweep batching/instances on a live Triton under a p99 SLO",
+                        epilog=errors.EXIT_CODES_HELP, formatter_class=fmt)
+    pr.add_argument("--repo", required=True, type=Path)
+    pr.add_argument("--name", required=True)
+    pr.add_argument("--url", help="gRPC host:port of a Triton in explicit model-control mode (default: start one)")
+    pr.add_argument("--candidates", type=_positive_int, default=64, help="candidates scored per request")
+    pr.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
+    pr.add_argument("--slo-p99-ms", type=float, default=50.0)
+    pr.add_argument("--max-queue-delays-us", type=_int_list, default=(0, 1000, 5000))
+    pr.add_argument("--instance-counts", type=_int_list, default=(1, 2))
+    pr.add_argument("--preferred-batch-sizes", type=_int_list, default=(), help="candidate preferred sizes (and none)")
+    pr.add_argument("--duration-s", type=float, default=3.0, help="measurement window per configuration")
+    pr.add_argument("--repeats", type=_positive_int, default=1, help="interleaved rounds over the grid (medians)")
+    pr.add_argument("--out", type=Path, default=Path("profile-results"))
+    pr.add_argument("--apply", action="store_true", help="write the chosen config.pbtxt into the repository")
+    pr.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("serve-local", help="serve a repository with the Triton binary from nvidia-pytriton",
+                       epilog=errors.EXIT_CODES_HELP, formatter_class=fmt)
+    s.add_argument("--repo", required=True, type=Path)
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--log-file", type=Path)
+    s.add_argument("--check", action="store_true", help="start, score one synthesized batch per model, stop")
+    s.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="show a model repository, a model directory or a model file",
+                       epilog=errors.EXIT_CODES_HELP, formatter_class=fmt)
+    i.add_argument("path", type=Path)
+    i.add_argument("--format", choices=["keras", "savedmodel", "onnx"])
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def _emit(data: dict[str, Any], as_json: bool, human: str) -> None:
+    if as_json:
+        # One line, printed last: the operator reads the init container's last log line as the build report.
+        print(json.dumps({"status": "ok", **data}, sort_keys=True, default=str), flush=True)
+    else:
+        print(human)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from model_repo_builder.builder import BuildRequest, build
+    from model_repo_builder.progress import progress_enabled
+
+    req = BuildRequest(
+        source=args.source, repo=args.repo, name=args.name, version=args.version, format=args.format,
+        sha256=args.sha256, backend=args.backend, precision=args.precision, max_batch_size=args.max_batch_size,
+        instance_kind=args.instance_kind, instance_count=args.instance_count,
+        preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,
+        tensorrt_accelerator=args.tensorrt_accelerator, warmup_batch_size=args.warmup_batch_size,
+        calibration=args.calibration, calibration_samples=args.calibration_samples,
+        config_template=args.config_template,
+        parity_max_abs_error=args.parity_max_abs_error, parity_samples=args.parity_samples,
+        parity_data=args.parity_data, opset=args.opset, s3_endpoint=args.s3_endpoint,
+        max_download_bytes=args.max_download_bytes, overwrite=args.overwrite, cache_dir=args.cache_dir,
+        show_progress=progress_enabled(args.json),
+    )
+    result = build(req)
+    par = result.report["parity"]
+    human = (
+        f"built {result.name} version {result.version} -> {result.version_dir}\n"
+        f"  {result.report['backend']}/{result.report['precision']}, parity: max abs error "
+        f"{par['max_abs_error']:.3g}, top-{par['topk']} overlap {par['topk_overlap']:.3f}"
+        + (f", AUC drop {par['auc_drop']:.4f}" if par.get("auc_drop") is not None else "")
+        + f", {result.report['build_seconds']:.1f}s"
+    )
+    _emit(result.report, args.json, human)
+    return errors.EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from model_repo_builder.inspect import inspect_path
+
+    info = inspect_path(args.path, args.format)
+    _emit(info, args.json, json.dumps(info, indent=2, sort_keys=True, default=str))
+    return errors.EXIT_OK
+
+
+def _cmd_serve_local(args: argparse.Namespace) -> int:
+    from model_repo_builder.triton_local import TritonServer
+
+    server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, log_path=args.log_file)
+    with server:
+        info: dict[str, Any] = {"http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
+                                "log": str(server.log_path)}
+        if args.check:
+            from model_repo_builder.inspect import smoke_test
+
+            info["models"] = smoke_test(server)
+            _emit(info, args.json, json.dumps(info, indent=2))
+            return errors.EXIT_OK
+        _emit(info, args.json, f"Triton serving {args.repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                               f"metrics {server.metrics_url} (log {server.log_path}); Ctrl-C to stop")
+        sys.stdout.flush()
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                if server.process is None or server.process.poll() is not None:
+                    print(f"tritonserver exited; log tail:\n{server.log_tail()}", file=sys.stderr)
+                    return errors.EXIT_UNEXPECTED
+        except KeyboardInterrupt:
+            pass
+    return errors.EXIT_OK
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from model_repo_builder.profile import ProfileRequest, run_profile
+    from model_repo_builder.progress import progress_enabled
+
+    req = ProfileRequest(
+        repo=args.repo, name=args.name, url=args.url, candidates=args.candidates, concurrency=args.concurrency,
+        slo_p99_ms=args.slo_p99_ms, max_queue_delays_us=tuple(args.max_queue_delays_us),
+        instance_counts=tuple(args.instance_counts), preferred_batch_sizes=tuple(args.preferred_batch_sizes),
+        duration_s=args.duration_s, repeats=args.repeats, out_dir=args.out, apply=args.apply,
+        show_progress=progress_enabled(args.json),
+    )
+    result = run_profile(req)
+    chosen = result["chosen"]
+    human = (
+        f"chosen: {chosen['label']} -> {chosen['throughput_rps']:.1f} req/s "
+        f"({chosen['throughput_rps'] * args.candidates:.0f} candidates/s), p99 {chosen['p99_ms']:.1f} ms "
+        f"(SLO {args.slo_p99_ms} ms); results in {args.out}"
+    )
+    _emit(result, args.json, human)
+    return errors.EXIT_OK
+
+
+_COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "serve-local": _cmd_serve_local, "profile": _cmd_profile}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("RECSERVE_LOG_LEVEL", "WARNING"), stream=sys.stderr)
+    as_json = bool(getattr(args, "json", False))
+    try:
+        return _COMMANDS[args.command](args)
+    except BuilderError as exc:
+        return _fail(exc.exit_code, type(exc).__name__, exc.message, exc.hint, as_json=as_json, details=exc.details)
+    except ConfigError as exc:
+        return _fail(errors.EXIT_USAGE, "InvalidOptions", str(exc), "fix the serving options", as_json=as_json)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from model_repo_builder.triton_local import TritonError
+
+        if isinstance(exc, TritonError):
+            return _fail(errors.EXIT_UNEXPECTED, "TritonError", str(exc), "see the Triton log", as_json=as_json)
+        if os.environ.get("RECSERVE_DEBUG"):
+            traceback.print_exc()
+        return _fail(
+            errors.EXIT_UNEXPECTED, type(exc).__name__, f"unexpected error: {exc}",
+            "this is a bug; rerun with RECSERVE_DEBUG=1 for the traceback and report it", as_json=as_json,
+        )
+
+
+def _fail(
+    code: int, kind: str, message: str, hint: str, *, as_json: bool, details: dict[str, Any] | None = None
+) -> int:
+    print(f"error: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr, flush=True)
+    if as_json:
+        # A single line after the stderr text, so it is the last log line the operator parses; `error` is the
+        # human message, the other keys are for machines.
+        err = {"status": "failed", "error": message, "hint": hint, "error_type": kind, "exit_code": code,
+               **(details or {})}
+        print(json.dumps(err, sort_keys=True, default=str), flush=True)
+    return code

@@ -1,0 +1,225 @@
+"""Fetch a model source (path, file://, http(s)://, pvc://, s3://) into a local directory and pin its digest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from model_repo_builder.errors import BadInputError, MissingRuntimeError, UsageError
+from model_repo_builder.progress import progress_bar
+
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+DEFAULT_MAX_BYTES = 4 << 30  # refuse downloads above 4 GiB unless raised: ranking models are far smaller
+_CHUNK = 1 << 20
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+@dataclass(frozen=True)
+class FetchedSource:
+    uri: str
+    path: Path  # local file or directory (a SavedModel)
+    sha256: str
+    size_bytes: int
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a directory as the digest over its sorted relative paths and file contents."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(sha256_of(file)))
+    return digest.hexdigest()
+
+
+def _size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def resolve_pvc(uri: str, pvc_root: str | None = None) -> Path:
+    """Map pvc://claim/path to <RECSERVE_PVC_ROOT>/claim/path (the claim is mounted there), refusing '..'."""
+    parsed = urlparse(uri)
+    claim, rel = parsed.netloc, unquote(parsed.path).lstrip("/")
+    if not claim or not rel:
+        raise UsageError(f"bad PVC URI {uri!r}", "use pvc://<claim>/<path inside the volume>")
+    if ".." in Path(rel).parts or claim == "..":
+        raise UsageError(f"PVC URI {uri!r} escapes its volume", "remove '..' from the path")
+    root = Path(pvc_root or os.environ.get("RECSERVE_PVC_ROOT", DEFAULT_PVC_ROOT))
+    return root / claim / rel
+
+
+def _local(path: Path, uri: str) -> Path:
+    if not path.exists():
+        raise BadInputError(f"model source {uri!r} does not exist ({path})", "check the path or the volume mount")
+    return path
+
+
+def _maybe_extract(path: Path, workdir: Path) -> Path:
+    name = path.name.lower()
+    if not name.endswith(_ARCHIVE_SUFFIXES):
+        return path
+    out = workdir / "extracted"
+    out.mkdir(exist_ok=True)
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                for member in zf.namelist():
+                    if member.startswith("/") or ".." in Path(member).parts:
+                        raise BadInputError(f"archive member {member!r} escapes the archive", "rebuild the archive")
+                zf.extractall(out)
+        else:
+            with tarfile.open(path) as tf:
+                tf.extractall(out, filter="data")  # "data" refuses absolute paths, links out and devices
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as exc:
+        raise BadInputError(f"cannot extract archive {path.name}: {exc}", "re-upload a valid archive") from exc
+    entries = list(out.iterdir())
+    # An archive holding a single top-level directory (the usual `tar czf m.tgz saved_model/`) is that directory.
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else out
+
+
+def _fetch_http(uri: str, dest: Path, max_bytes: int, show_progress: bool, retries: int) -> Path:
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    retry = Retry(
+        total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=["GET"]
+    )
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    name = Path(urlparse(uri).path).name or "model"
+    target = dest / name
+    try:
+        with session.get(uri, stream=True, timeout=(10, 60)) as resp:
+            if resp.status_code == 404:
+                raise BadInputError(f"HTTP 404: {uri} not found", "check the URL (and that the object was uploaded)")
+            if resp.status_code >= 400:
+                raise BadInputError(f"HTTP {resp.status_code} fetching {uri}", "check the URL and its access rights")
+            length = int(resp.headers.get("Content-Length") or 0)
+            if length > max_bytes:
+                raise BadInputError(
+                    f"{uri} is {length} bytes, above the {max_bytes}-byte limit", "raise --max-download-bytes"
+                )
+            written = 0
+            with target.open("wb") as f, progress_bar(length or None, f"download {name}", show_progress) as bar:
+                for chunk in resp.iter_content(_CHUNK):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise BadInputError(f"{uri} exceeds the {max_bytes}-byte limit", "raise --max-download-bytes")
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if length and written != length:
+                raise BadInputError(f"download of {uri} truncated ({written}/{length} bytes)", "retry the build")
+    except requests.RequestException as exc:
+        raise BadInputError(f"cannot download {uri}: {exc}", "check the URL and network access") from exc
+    return target
+
+
+def _s3_client(endpoint: str | None) -> Any:
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as exc:
+        raise MissingRuntimeError("boto3 is not installed", "pip install 'recserve[builder]'") from exc
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    # Path-style addressing: S3-compatible stores (MinIO, SeaweedFS, Ceph) rarely do virtual-host buckets.
+    cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"})
+    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
+
+
+def _fetch_s3(uri: str, dest: Path, endpoint: str | None, max_bytes: int, show_progress: bool) -> Path:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parsed = urlparse(uri)
+    bucket, key = parsed.netloc, unquote(parsed.path).lstrip("/")
+    if not bucket or not key:
+        raise UsageError(f"bad S3 URI {uri!r}", "use s3://<bucket>/<key> (a key ending in '/' fetches a prefix)")
+    client = _s3_client(endpoint)
+    try:
+        if key.endswith("/"):
+            # A prefix: a SavedModel directory uploaded object by object.
+            out = dest / Path(key.rstrip("/")).name
+            keys = []
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
+            if not keys:
+                raise BadInputError(f"no objects under {uri}", "check the bucket and prefix")
+            if sum(s for _, s in keys) > max_bytes:
+                raise BadInputError(f"{uri} exceeds the {max_bytes}-byte limit", "raise --max-download-bytes")
+            for obj_key, _ in keys:
+                rel = obj_key[len(key) :]
+                if not rel or ".." in Path(rel).parts:
+                    continue
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj_key, str(out / rel))
+            return out
+        head = client.head_object(Bucket=bucket, Key=key)
+        size = int(head["ContentLength"])
+        if size > max_bytes:
+            raise BadInputError(
+                f"{uri} is {size} bytes, above the {max_bytes}-byte limit", "raise --max-download-bytes"
+            )
+        target = dest / Path(key).name
+        with progress_bar(size, f"download {target.name}", show_progress) as bar:
+            client.download_file(bucket, key, str(target), Callback=bar.update)
+        return target
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+            raise BadInputError(f"S3 object {uri} not found", "check the bucket, the key and the endpoint") from exc
+        raise BadInputError(f"S3 error fetching {uri}: {exc}", "check credentials and the endpoint") from exc
+    except BotoCoreError as exc:
+        raise BadInputError(
+            f"S3 client error for {uri}: {exc}",
+            "check --s3-endpoint / AWS_ENDPOINT_URL and the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+        ) from exc
+
+
+def fetch(
+    uri: str | Path,
+    workdir: Path,
+    *,
+    sha256: str | None = None,
+    s3_endpoint: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    show_progress: bool = False,
+    retries: int = 3,
+) -> FetchedSource:
+    """Make `uri` available locally (remote sources are downloaded into `workdir`) and verify the sha256 pin."""
+    uri = str(uri)
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower() if len(parsed.scheme) > 1 else ""  # "C:" style drive letters are paths
+    if scheme in ("", "file"):
+        raw = _local(Path(unquote(parsed.path) if scheme == "file" else uri).expanduser(), uri)
+    elif scheme == "pvc":
+        raw = _local(resolve_pvc(uri), uri)
+    elif scheme in ("http", "https"):
+        raw = _fetch_http(uri, workdir, max_bytes, show_progress, retries)
+    elif scheme == "s3":
+        raw = _fetch_s3(uri, workdir, s3_endpoint, max_bytes, show_progress)
+    else:
+        raise UsageError(
+            f"unsupported source scheme {scheme!r} in {uri!r}", "use a path, file://, https://, pvc:// or s3://"
+        )
+    # The pin covers what was published (the archive itself when the source is one).
+    digest = sha256_of(raw)
+    if sha256 and digest != sha256.lower().strip():
+        raise BadInputError(
+            f"sha256 mismatch for {uri}: expected {sha256.lower().strip()}, got {digest}",
+            "the source changed or the pin is wrong; re-check the artifact before building",
+        )
+    path = _maybe_extract(raw, workdir) if raw.is_file() else raw
+    return FetchedSource(uri=uri, path=path, sha256=digest, size_bytes=_size_of(raw))

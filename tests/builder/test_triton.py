@@ -1,0 +1,125 @@
+"""Built repositories served by the real Triton binary (nvidia-pytriton), queried over HTTP and gRPC; profiling."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from numpy.typing import NDArray
+
+from model_repo_builder import config as C
+from model_repo_builder import convert
+from model_repo_builder.builder import BuildRequest, build
+from model_repo_builder.profile import ProfileRequest, run_profile
+from model_repo_builder.triton_local import TritonError, TritonServer
+from tests.builder.models import synthetic_ctr
+
+pytestmark = [pytest.mark.triton, pytest.mark.builder]
+
+
+@pytest.fixture(scope="module")
+def python_repo(ctr_keras: Path, two_tower_keras: Path, ctr_parity_npz: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("triton_repo")
+    # Library use: paths may be Path objects as well as URIs.
+    build(BuildRequest(source=str(ctr_keras), repo=repo, name="ctr", backend="python", max_batch_size=128,
+                       preferred_batch_sizes=(32, 64), max_queue_delay_us=100, warmup_batch_size=4,
+                       parity_data=ctr_parity_npz))
+    build(BuildRequest(source=str(two_tower_keras), repo=repo, name="two_tower", backend="python",
+                       max_batch_size=64, precision="int8"))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def triton(python_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
+    with TritonServer(python_repo, log_path=log) as server:
+        yield server
+
+
+def _ctr_inputs(n: int) -> dict[str, NDArray[Any]]:
+    feats, _ = synthetic_ctr(n, seed=11)
+    return {"features": np.concatenate([feats["user"], feats["item"], feats["context"]], axis=1)}
+
+
+def test_http_predictions_match_keras(triton: TritonServer, ctr_keras: Path) -> None:
+    feeds = _ctr_inputs(50)
+    expected = convert.load_source(ctr_keras, "keras").predict(feeds)["ctr"]
+    client = httpclient.InferenceServerClient(triton.http_url)
+    try:
+        assert client.is_model_ready("ctr")
+        cfg = client.get_model_config("ctr")
+        assert cfg["backend"] == "python" and cfg["max_batch_size"] == 128
+        inp = httpclient.InferInput("features", [50, 32], "FP32")
+        inp.set_data_from_numpy(feeds["features"])
+        got = client.infer("ctr", [inp], outputs=[httpclient.InferRequestedOutput("ctr")]).as_numpy("ctr")
+    finally:
+        client.close()
+    assert got.shape == (50, 1)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_grpc_two_input_int8_model_ranks_like_keras(triton: TritonServer, two_tower_keras: Path) -> None:
+    feats, _ = synthetic_ctr(64, seed=12)
+    feeds = {"user": feats["user"], "item": feats["item"]}
+    expected = convert.load_source(two_tower_keras, "keras").predict(feeds)["score"]
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        inputs = []
+        for name, arr in feeds.items():
+            inp = grpcclient.InferInput(name, list(arr.shape), "FP32")
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        got = client.infer("two_tower", inputs).as_numpy("score")
+        meta = client.get_model_metadata("two_tower", as_json=True)
+    finally:
+        client.close()
+    assert {i["name"] for i in meta["inputs"]} == {"user", "item"}
+    assert np.abs(got - expected).max() < 0.05  # int8: bounded error...
+    top_expected = set(np.argsort(-expected[:, 0])[:10].tolist())
+    top_got = set(np.argsort(-got[:, 0])[:10].tolist())
+    assert len(top_expected & top_got) >= 8  # ...and the same top candidates
+
+
+def test_serve_local_cli_check(python_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.builder.helpers import run_cli
+
+    r = run_cli(capsys, "serve-local", "--repo", python_repo, "--http-port", "0", "--grpc-port", "0",
+                "--metrics-port", "0", "--check", "--json")
+    assert r.code == 0, r.err
+    assert r.json["models"] == {"ctr": {"ctr": [4, 1]}, "two_tower": {"score": [4, 1]}}
+
+
+def test_startup_failure_reports_log(tmp_path: Path) -> None:
+    bad = tmp_path / "repo" / "broken"
+    (bad / "1").mkdir(parents=True)
+    (bad / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\nmax_batch_size: 1\n')
+    with pytest.raises(TritonError, match=r"no_such_backend|exited with code"), TritonServer(tmp_path / "repo",
+                                                                                            ready_timeout_s=60):
+        pass
+
+
+def test_profile_writes_choice_table_and_plot(python_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profile"
+    result = run_profile(ProfileRequest(
+        repo=python_repo, name="ctr", candidates=32, concurrency=4, slo_p99_ms=1000.0, max_queue_delays_us=(500,),
+        instance_counts=(1, 2), duration_s=0.6, warmup_s=0.2, out_dir=out,
+    ))
+    labels = [r["label"] for r in result["results"]]
+    assert labels == ["inst=1 no-batching", "inst=1 delay=500us pref=-", "inst=2 no-batching",
+                      "inst=2 delay=500us pref=-"]
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in result["results"])
+    assert result["slo_met"] and result["chosen"]["throughput_rps"] == max(r["throughput_rps"]
+                                                                            for r in result["results"])
+    chosen_cfg = C.parse_pbtxt((out / "config.pbtxt").read_text())
+    assert chosen_cfg.instance_group[0].count == result["chosen"]["candidate"]["instance_count"]
+    assert C.signature_from_config(chosen_cfg) is not None
+    assert (out / "throughput_vs_p99.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "results.csv").read_text().splitlines()) == 5
+    assert json.loads((out / "results.json").read_text())["chosen"] == result["chosen"]["label"]

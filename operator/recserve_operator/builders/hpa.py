@@ -1,0 +1,52 @@
+"""HorizontalPodAutoscaler per revision, on CPU utilization or on Triton's average queue time per pod."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recserve_operator.builders.common import Ids, metadata
+from recserve_operator.spec import RecommenderModelSpec
+
+# Pods metric served by a metrics adapter (prometheus-adapter rule over nv_inference_queue_duration_us /
+# nv_inference_request_success); documented in the chart.
+QUEUE_TIME_METRIC = "triton_queue_time_us"
+
+
+def build_hpa(spec: RecommenderModelSpec, ids: Ids) -> dict[str, Any] | None:
+    a = spec.serving.autoscaling
+    if a is None:
+        return None
+    metrics: list[dict[str, Any]] = []
+    if a.target_cpu_utilization is not None:
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": a.target_cpu_utilization},
+                },
+            }
+        )
+    if a.target_queue_time_microseconds is not None:
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": QUEUE_TIME_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": str(a.target_queue_time_microseconds)},
+                },
+            }
+        )
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(ids, ids.revision_name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ids.revision_name},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": metrics,
+            # GPU pods take minutes to become ready: scale down slowly to avoid flapping.
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+        },
+    }

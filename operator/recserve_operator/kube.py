@@ -1,0 +1,206 @@
+"""Thin generic Kubernetes REST client: server-side apply, get, delete, status patch, with request counters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.parse
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kubernetes
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from recserve_operator import telemetry
+
+FIELD_MANAGER = "recserve"
+logger = logging.getLogger("recserve.kube")
+
+
+@dataclass(frozen=True)
+class Resource:
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None, name: str | None = None) -> str:
+        group_path = f"/api/{self.api_version}" if "/" not in self.api_version else f"/apis/{self.api_version}"
+        ns = f"/namespaces/{namespace}" if self.namespaced and namespace else ""
+        return f"{group_path}{ns}/{self.plural}" + (f"/{name}" if name else "")
+
+
+RESOURCES: dict[str, Resource] = {
+    r.kind: r
+    for r in (
+        Resource("v1", "ConfigMap", "configmaps"),
+        Resource("v1", "Service", "services"),
+        Resource("v1", "Pod", "pods"),
+        Resource("apps/v1", "Deployment", "deployments"),
+        Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+        Resource("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
+        Resource("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),
+        Resource("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
+        Resource("recserve.dev/v1alpha1", "RecommenderModel", "recommendermodels"),
+    )
+}
+
+
+def resource_of(obj: dict[str, Any]) -> Resource:
+    return RESOURCES[obj["kind"]]
+
+
+class Kube:
+    """Every API request the reconciler makes goes through here, so it can be counted and kept minimal."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self._api = api_client
+        self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        return cls(kubernetes.client.ApiClient())
+
+    def _auth_headers(self) -> dict[str, str]:
+        # auth_settings() runs the kubeconfig's token refresh hook (exec plugins, projected tokens).
+        headers: dict[str, str] = {}
+        for setting in self._api.configuration.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[setting["key"]] = setting["value"]
+        return headers
+
+    def _request(
+        self, verb: str, method: str, path: str, *, body: Any = None, content_type: str | None = None,
+        query: list[tuple[str, str]] | None = None,
+    ) -> Any:  # fmt: skip
+        """One HTTP call on the client's urllib3 pool (TLS and auth from the kubeconfig), stable across versions."""
+        with self._lock:
+            self.requests[verb] += 1
+        telemetry.API_REQUESTS.labels(verb=verb).inc()
+        headers = {"Accept": "application/json", "User-Agent": "recserve-operator", **self._auth_headers()}
+        payload = None
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+            payload = json.dumps(body).encode()
+        url = self._api.configuration.host + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        response = self._api.rest_client.pool_manager.request(
+            method, url, body=payload, headers=headers, timeout=urllib3.Timeout(total=30), retries=False
+        )
+        if not 200 <= response.status <= 299:
+            raise ApiException(status=response.status, reason=f"{method} {path}: {response.data[:500]!r}")
+        return json.loads(response.data) if response.data else None
+
+    def get(self, resource: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._request("get", "GET", resource.path(namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    def exists(self, path: str) -> bool:
+        """Whether an API path (e.g. a group version) is served: optional integrations probe this."""
+        try:
+            self._request("discovery", "GET", path)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply under one field manager; force takes over fields someone else edited (drift)."""
+        resource = resource_of(obj)
+        meta = obj["metadata"]
+        result: dict[str, Any] = self._request(
+            "apply", "PATCH", resource.path(meta.get("namespace"), meta["name"]), body=obj,
+            content_type="application/apply-patch+yaml",
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+        )  # fmt: skip
+        return result
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        resource = RESOURCES[kind]
+        # The uid precondition makes a delete based on a stale cache harmless.
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self._request(
+                "delete", "DELETE", resource.path(namespace, name), body=body, content_type="application/json"
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        resource = RESOURCES["RecommenderModel"]
+        try:
+            result: dict[str, Any] = self._request(
+                "patch-status", "PATCH", resource.path(namespace, name) + "/status", body={"status": status},
+                content_type="application/merge-patch+json",
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:  # deleted meanwhile; nothing to report on
+                return None
+            raise
+        return result
+
+    def patch_annotations(self, namespace: str, name: str, annotations: Mapping[str, str | None]) -> None:
+        """Merge-patch annotations of a RecommenderModel (None removes one, e.g. a consumed rollout action)."""
+        resource = RESOURCES["RecommenderModel"]
+        try:
+            self._request(
+                "patch", "PATCH", resource.path(namespace, name), body={"metadata": {"annotations": dict(annotations)}},
+                content_type="application/merge-patch+json",
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, *, now: str, component: str
+    ) -> None:
+        """A core/v1 Event on `involved`; failures are logged, never fatal (events are best effort)."""
+        meta = involved["metadata"]
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion", "recserve.dev/v1alpha1"),
+                "kind": involved.get("kind", "RecommenderModel"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self._request(
+                "event", "POST", f"/api/v1/namespaces/{meta['namespace']}/events", body=event,
+                content_type="application/json",
+            )  # fmt: skip
+        except ApiException as exc:
+            logger.warning("Event not posted reason=%s status=%s", reason, exc.status)

@@ -1,0 +1,120 @@
+"""Pure interpretation of a revision's live Deployment and pods: available, building, build failed, unschedulable."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from recserve_operator.builders.deployment import BUILDER_CONTAINER, GPU_RESOURCE, TRITON_CONTAINER
+
+_MAX_MESSAGE = 1024
+
+
+@dataclass(frozen=True)
+class RevisionObservation:
+    revision: str
+    exists: bool = False
+    desired_replicas: int = 0
+    ready_replicas: int = 0
+    available: bool = False
+    built: bool = False  # at least one pod finished the model build (or is already serving)
+    building: bool = False
+    build_failed: str | None = None
+    unschedulable: str | None = None
+    insufficient_gpu: bool = False
+    container_failing: str | None = None
+
+
+def _builder_message(terminated: Mapping[str, Any]) -> str:
+    """The builder's --json report is its last log line; prefer its error text over raw logs."""
+    raw = str(terminated.get("message") or "").strip()
+    code = terminated.get("exitCode")
+    for raw_line in reversed(raw.splitlines()):
+        line = raw_line.strip()
+        if line.startswith("{"):
+            try:
+                report = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(report, dict):
+                detail = report.get("error") or report.get("message") or report.get("status")
+                if detail:
+                    raw = str(detail)
+                break
+    text = f"model-repo-builder exited with code {code}" + (f": {raw}" if raw else "")
+    return text[:_MAX_MESSAGE]
+
+
+def _pod_observation(pod: Mapping[str, Any]) -> dict[str, Any]:
+    status = pod.get("status") or {}
+    out: dict[str, Any] = {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            message = str(cond.get("message") or cond.get("reason") or "Unschedulable")
+            out["unschedulable"] = message[:_MAX_MESSAGE]
+            out["insufficient_gpu"] = f"Insufficient {GPU_RESOURCE}" in message
+        if cond.get("type") == "Ready" and cond.get("status") == "True":
+            out["ready"] = True
+    for cs in status.get("initContainerStatuses") or []:
+        if cs.get("name") != BUILDER_CONTAINER:
+            continue
+        state = cs.get("state") or {}
+        last = (cs.get("lastState") or {}).get("terminated")
+        terminated = state.get("terminated")
+        if terminated and terminated.get("exitCode", 0) == 0:
+            out["built"] = True
+        elif terminated:
+            out["build_failed"] = _builder_message(terminated)
+        elif last and last.get("exitCode", 0) != 0:
+            # Restarting after a failure (CrashLoopBackOff): the failure is what the user needs to see.
+            out["build_failed"] = _builder_message(last)
+        elif "running" in state or "waiting" in state:
+            out["building"] = True
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") != TRITON_CONTAINER:
+            continue
+        if cs.get("ready") or "running" in (cs.get("state") or {}):
+            out["built"] = True
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerError"):
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            detail = last.get("message") or waiting.get("message") or ""
+            out["container_failing"] = f"triton container {waiting['reason']}: {detail}".strip(": ")[:_MAX_MESSAGE]
+    if out.get("ready"):
+        out["built"] = True
+    return out
+
+
+def observe_revision(
+    revision: str, deployment: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]]
+) -> RevisionObservation:
+    if deployment is None:
+        return RevisionObservation(revision=revision)
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    desired = int(spec.get("replicas", 1))
+    ready = int(status.get("readyReplicas") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    caught_up = int(status.get("observedGeneration") or 0) >= int(
+        (deployment.get("metadata") or {}).get("generation") or 0
+    )
+    available = caught_up and ready >= desired and updated >= desired
+    per_pod = [_pod_observation(p) for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    failed = next((o["build_failed"] for o in per_pod if o.get("build_failed")), None)
+    unsched = next((o for o in per_pod if o.get("unschedulable")), None)
+    failing = next((o["container_failing"] for o in per_pod if o.get("container_failing")), None)
+    return RevisionObservation(
+        revision=revision,
+        exists=True,
+        desired_replicas=desired,
+        ready_replicas=ready,
+        available=available,
+        built=ready > 0 or any(o.get("built") for o in per_pod),
+        building=any(o.get("building") for o in per_pod),
+        build_failed=failed,
+        unschedulable=unsched["unschedulable"] if unsched else None,
+        insufficient_gpu=bool(unsched and unsched.get("insufficient_gpu")),
+        container_failing=failing,
+    )

@@ -1,0 +1,366 @@
+"""Typed, validated model of a RecommenderModel spec and the revision hash over its serving-relevant parts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "Autoscaling",
+    "Calibration",
+    "DynamicBatchingSpec",
+    "InvalidSpec",
+    "ModelRef",
+    "Optimize",
+    "RecommenderModelSpec",
+    "Resources",
+    "RolloutSpec",
+    "Serving",
+    "parse_spec",
+    "revision_of",
+]
+
+GROUP = "recserve.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "RecommenderModel"
+PLURAL = "recommendermodels"
+
+FORMATS = ("keras", "savedmodel", "onnx")
+BACKENDS = ("onnxruntime", "tensorrt", "auto")
+PRECISIONS = ("fp32", "fp16", "int8")
+STRATEGIES = ("immediate", "canary", "abTest")
+ACTIONS = ("", "pause", "resume", "promote", "abort")
+_URI_RE = re.compile(r"^(pvc|https?|s3|gs|file)://.+")
+_SHA_RE = re.compile(r"^[a-f0-9]{64}$")
+_CPU_RE = re.compile(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$")
+_MEM_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+# Kubernetes label values: the GPU product goes into a nodeSelector.
+_LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_IMAGE_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@+-]*$")
+
+
+class InvalidSpec(ValueError):
+    """A spec the operator cannot serve; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    uri: str
+    format: str
+    version: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    uri: str
+    samples: int = 512
+
+
+@dataclass(frozen=True)
+class Optimize:
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    parity_max_abs_error: float = 1e-4
+    parity_samples: int = 512
+    calibration: Calibration | None = None
+
+
+@dataclass(frozen=True)
+class DynamicBatchingSpec:
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_microseconds: int = 100
+    preserve_ordering: bool = False
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    min_replicas: int
+    max_replicas: int
+    target_cpu_utilization: int | None = None
+    target_queue_time_microseconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpu: int = 1
+    cpu: str = "2"
+    memory: str = "4Gi"
+
+
+@dataclass(frozen=True)
+class Serving:
+    max_batch_size: int = 256
+    dynamic_batching: DynamicBatchingSpec | None = None
+    instance_kind: str = "GPU"
+    instance_count: int = 1
+    # Scaling is applied to the running revision in place, so it stays out of the revision hash.
+    replicas: int = field(default=1, metadata={"revision": False})
+    autoscaling: Autoscaling | None = field(default=None, metadata={"revision": False})
+    resources: Resources = field(default_factory=Resources)
+    gpu_product: str | None = None
+    triton_image: str | None = None
+    builder_image: str | None = None
+    build_cache_claim: str | None = None
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """The parts of spec.rollout the core needs; the rollout engine parses the full policy itself."""
+
+    strategy: str = "immediate"
+    provider: str = "builtin"
+    action: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class RecommenderModelSpec:
+    model: ModelRef
+    optimize: Optimize
+    serving: Serving
+    rollout: RolloutSpec
+
+    @property
+    def resolved_backend(self) -> str:
+        """The Triton backend actually used: `auto` picks TensorRT on GPU instances, ONNX Runtime on CPU."""
+        if self.optimize.backend == "auto":
+            return "tensorrt" if self.serving.instance_kind == "GPU" else "onnxruntime"
+        return self.optimize.backend
+
+
+def _obj(value: object, path: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidSpec(f"{path} must be an object")
+    return value
+
+
+def _int(m: Mapping[str, Any], key: str, path: str, default: int | None, lo: int, hi: int | None = None) -> int:  # noqa: PLR0917
+    value = m.get(key, default)
+    if value is None:
+        raise InvalidSpec(f"{path}.{key} is required")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSpec(f"{path}.{key} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise InvalidSpec(f"{path}.{key} must be {bound}, got {value}")
+    return value
+
+
+def _opt_int(m: Mapping[str, Any], key: str, path: str, lo: int, hi: int | None = None) -> int | None:
+    return _int(m, key, path, None, lo, hi) if m.get(key) is not None else None
+
+
+def _str(m: Mapping[str, Any], key: str, path: str, default: str | None = None) -> str:
+    value = m.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise InvalidSpec(f"{path}.{key} is required and must be a non-empty string")
+    return value
+
+
+def _opt_str(m: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = m.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidSpec(f"{path}.{key} must be a string")
+    return value
+
+
+def _enum(m: Mapping[str, Any], key: str, path: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = m.get(key, default)
+    if value not in allowed:
+        raise InvalidSpec(f"{path}.{key} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return str(value)
+
+
+def _parse_model(m: Mapping[str, Any]) -> ModelRef:
+    uri = _str(m, "uri", "spec.model")
+    if not _URI_RE.match(uri):
+        raise InvalidSpec("spec.model.uri must start with pvc://, http://, https://, s3://, gs:// or file://")
+    sha = _opt_str(m, "sha256", "spec.model")
+    if sha is not None and not _SHA_RE.match(sha):
+        raise InvalidSpec("spec.model.sha256 must be 64 lowercase hex digits")
+    return ModelRef(
+        uri=uri,
+        format=_enum(m, "format", "spec.model", "", FORMATS),
+        version=_int(m, "version", "spec.model", None, 1),
+        sha256=sha,
+    )
+
+
+def _parse_optimize(m: Mapping[str, Any]) -> Optimize:
+    parity = _obj(m.get("parity"), "spec.optimize.parity")
+    cal = m.get("calibration")
+    calibration = None
+    if cal is not None:
+        c = _obj(cal, "spec.optimize.calibration")
+        calibration = Calibration(
+            uri=_str(c, "uri", "spec.optimize.calibration"),
+            samples=_int(c, "samples", "spec.optimize.calibration", 512, 1),
+        )
+    max_err = parity.get("maxAbsError", 1e-4)
+    if isinstance(max_err, bool) or not isinstance(max_err, int | float) or max_err < 0:
+        raise InvalidSpec(f"spec.optimize.parity.maxAbsError must be a number >= 0, got {max_err!r}")
+    return Optimize(
+        backend=_enum(m, "backend", "spec.optimize", "onnxruntime", BACKENDS),
+        precision=_enum(m, "precision", "spec.optimize", "fp32", PRECISIONS),
+        parity_max_abs_error=float(max_err),
+        parity_samples=_int(parity, "samples", "spec.optimize.parity", 512, 1, 100000),
+        calibration=calibration,
+    )
+
+
+def _parse_serving(m: Mapping[str, Any]) -> Serving:
+    p = "spec.serving"
+    max_batch = _int(m, "maxBatchSize", p, 256, 1, 65536)
+    db = None
+    if m.get("dynamicBatching") is not None:
+        d = _obj(m["dynamicBatching"], f"{p}.dynamicBatching")
+        sizes = d.get("preferredBatchSizes") or []
+        if not isinstance(sizes, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise InvalidSpec(f"{p}.dynamicBatching.preferredBatchSizes must be a list of integers >= 1")
+        if any(s > max_batch for s in sizes):
+            raise InvalidSpec(f"{p}.dynamicBatching.preferredBatchSizes must not exceed {p}.maxBatchSize")
+        if len(set(sizes)) != len(sizes):
+            raise InvalidSpec(f"{p}.dynamicBatching.preferredBatchSizes must not repeat")
+        preserve = d.get("preserveOrdering", False)
+        if not isinstance(preserve, bool):
+            raise InvalidSpec(f"{p}.dynamicBatching.preserveOrdering must be a boolean")
+        db = DynamicBatchingSpec(
+            preferred_batch_sizes=tuple(sizes),
+            max_queue_delay_microseconds=_int(d, "maxQueueDelayMicroseconds", f"{p}.dynamicBatching", 100, 0),
+            preserve_ordering=preserve,
+        )
+    inst = _obj(m.get("instances"), f"{p}.instances")
+    res = _obj(m.get("resources"), f"{p}.resources")
+    resources = Resources(
+        gpu=_int(res, "gpu", f"{p}.resources", 1, 0, 16),
+        cpu=_str(res, "cpu", f"{p}.resources", "2"),
+        memory=_str(res, "memory", f"{p}.resources", "4Gi"),
+    )
+    if not _CPU_RE.match(resources.cpu):
+        raise InvalidSpec(f'{p}.resources.cpu must be a CPU quantity like "2" or "500m", got {resources.cpu!r}')
+    if not _MEM_RE.match(resources.memory):
+        raise InvalidSpec(f"{p}.resources.memory must be a memory quantity like 4Gi, got {resources.memory!r}")
+    autoscaling = None
+    if m.get("autoscaling") is not None:
+        a = _obj(m["autoscaling"], f"{p}.autoscaling")
+        autoscaling = Autoscaling(
+            min_replicas=_int(a, "minReplicas", f"{p}.autoscaling", None, 1),
+            max_replicas=_int(a, "maxReplicas", f"{p}.autoscaling", None, 1, 1000),
+            target_cpu_utilization=_opt_int(a, "targetCPUUtilization", f"{p}.autoscaling", 1, 100),
+            target_queue_time_microseconds=_opt_int(a, "targetQueueTimeMicroseconds", f"{p}.autoscaling", 1),
+        )
+        if autoscaling.min_replicas > autoscaling.max_replicas:
+            raise InvalidSpec(f"{p}.autoscaling.minReplicas must not exceed maxReplicas")
+        if autoscaling.target_cpu_utilization is None and autoscaling.target_queue_time_microseconds is None:
+            raise InvalidSpec(f"{p}.autoscaling needs targetCPUUtilization or targetQueueTimeMicroseconds")
+    default_replicas = autoscaling.min_replicas if autoscaling else 1
+    replicas = _int(m, "replicas", p, default_replicas, 0, 1000)
+    if autoscaling and not autoscaling.min_replicas <= replicas <= autoscaling.max_replicas:
+        raise InvalidSpec(f"{p}.replicas must lie within {p}.autoscaling minReplicas..maxReplicas")
+    kind = _enum(inst, "kind", f"{p}.instances", "GPU", ("GPU", "CPU"))
+    if (kind == "GPU") != (resources.gpu > 0):
+        raise InvalidSpec(
+            f"{p}.instances.kind GPU needs {p}.resources.gpu >= 1, and kind CPU needs {p}.resources.gpu 0"
+        )
+    gpu_product = _opt_str(m, "gpuProduct", p)
+    if gpu_product is not None:
+        if resources.gpu == 0:
+            raise InvalidSpec(f"{p}.gpuProduct selects GPU nodes: it needs {p}.resources.gpu >= 1")
+        if len(gpu_product) > 63 or not _LABEL_VALUE_RE.match(gpu_product):
+            raise InvalidSpec(f"{p}.gpuProduct must be a valid label value (node label nvidia.com/gpu.product)")
+    images = {}
+    for key in ("tritonImage", "builderImage"):
+        image = _opt_str(m, key, p)
+        if image is not None and not _IMAGE_RE.match(image):
+            raise InvalidSpec(f"{p}.{key} is not a valid image reference: {image!r}")
+        images[key] = image
+    cache = m.get("buildCache")
+    claim = _str(_obj(cache, f"{p}.buildCache"), "claimName", f"{p}.buildCache") if cache is not None else None
+    return Serving(
+        max_batch_size=max_batch,
+        dynamic_batching=db,
+        instance_kind=kind,
+        instance_count=_int(inst, "count", f"{p}.instances", 1, 1, 16),
+        replicas=replicas,
+        autoscaling=autoscaling,
+        resources=resources,
+        gpu_product=gpu_product,
+        triton_image=images["tritonImage"],
+        builder_image=images["builderImage"],
+        build_cache_claim=claim,
+    )
+
+
+def _parse_rollout(m: Mapping[str, Any]) -> RolloutSpec:
+    routing = _obj(m.get("routing"), "spec.rollout.routing")
+    control = _obj(m.get("control"), "spec.rollout.control")
+    return RolloutSpec(
+        strategy=_enum(m, "strategy", "spec.rollout", "immediate", STRATEGIES),
+        provider=_enum(routing, "provider", "spec.rollout.routing", "builtin", ("builtin", "gatewayAPI")),
+        action=_enum(control, "action", "spec.rollout.control", "", ACTIONS),
+        raw=dict(m),
+    )
+
+
+def parse_spec(spec: Mapping[str, Any]) -> RecommenderModelSpec:
+    """Parse and cross-check a spec dict (as stored, with CRD defaults) into a RecommenderModelSpec."""
+    root = _obj(spec, "spec")
+    if "model" not in root:
+        raise InvalidSpec("spec.model is required")
+    if "serving" not in root:
+        raise InvalidSpec("spec.serving is required")
+    parsed = RecommenderModelSpec(
+        model=_parse_model(_obj(root["model"], "spec.model")),
+        optimize=_parse_optimize(_obj(root.get("optimize"), "spec.optimize")),
+        serving=_parse_serving(_obj(root["serving"], "spec.serving")),
+        rollout=_parse_rollout(_obj(root.get("rollout"), "spec.rollout")),
+    )
+    o, s = parsed.optimize, parsed.serving
+    # Repeated here from the CRD's CEL rules: a spec can predate the rules, and unit tests bypass the apiserver.
+    if o.precision == "int8" and o.calibration is None:
+        raise InvalidSpec("spec.optimize.precision int8 needs calibration data: set spec.optimize.calibration.uri")
+    if o.backend == "tensorrt" and s.instance_kind != "GPU":
+        raise InvalidSpec("spec.optimize.backend tensorrt needs a GPU: set spec.serving.instances.kind to GPU")
+    if o.precision == "fp16" and s.instance_kind != "GPU":
+        raise InvalidSpec("spec.optimize.precision fp16 runs on GPU kernels: set spec.serving.instances.kind to GPU")
+    return parsed
+
+
+def _canonical(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _canonical(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.compare and f.metadata.get("revision", True)
+        }
+    if isinstance(value, tuple | list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def revision_of(spec: RecommenderModelSpec) -> str:
+    """Short stable hash of model + optimize + serving: any change there is a new revision; rollout is not."""
+    payload = {
+        "model": _canonical(spec.model),
+        "optimize": _canonical(spec.optimize),
+        "serving": _canonical(spec.serving),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    # 10 hex digits keep "<name>-<rev>" within the 63-character Service name limit for names up to 52.
+    return digest[:10]

@@ -1,0 +1,22 @@
+"""The operator's own Prometheus metrics (reconciles, errors, durations, applies, rollouts)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+RECONCILES = Counter("recserve_reconciles_total", "Reconciles of RecommenderModels.")
+RECONCILE_ERRORS = Counter("recserve_reconcile_errors_total", "Reconciles that raised an error.")
+RECONCILE_SECONDS = Histogram(
+    "recserve_reconcile_duration_seconds",
+    "Wall time of one reconcile.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+APPLIES = Counter("recserve_applies_total", "Server-side applies of owned objects (drift or spec changes).", ["kind"])
+ROLLOUTS = Counter("recserve_rollouts_total", "Finished rollouts by outcome.", ["outcome"])
+API_REQUESTS = Counter("recserve_api_requests_total", "Kubernetes API requests made by the reconciler.", ["verb"])
+
+
+def serve(port: int) -> None:
+    """Expose /metrics; port 0 disables it (tests run several operators side by side)."""
+    if port:
+        start_http_server(port)

@@ -1,0 +1,388 @@
+"""The operator as a process against the real control plane: examples to Ready, GPUs, rollouts, restarts, GC."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from recserve_cluster.cluster import Cluster
+from tests.helpers import wait_for
+from tests.integration.conftest_operator import (
+    ROOT,
+    OperatorProcess,
+    apply_yaml,
+    condition,
+    get_json,
+    install_crd,
+    model,
+    owned,
+    ready_model,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = sorted((ROOT / "examples").glob("**/*.yaml"))
+NODE_FOR_PRODUCT = {"NVIDIA-A10G": "gpu-a10g", "NVIDIA-H100-80GB-HBM3": "gpu-h100"}
+REVISION = "recserve.dev/revision"
+
+
+@pytest.fixture(scope="module")
+def crd(cluster: Cluster) -> Cluster:
+    install_crd(cluster)
+    return cluster
+
+
+@pytest.fixture
+def operator(crd: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(crd, namespace, tmp_path / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+    log = op.log()
+    assert "Traceback" not in log, log[-5000:]
+
+
+def _example(path: Path) -> dict[str, Any]:
+    return next(d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "RecommenderModel")
+
+
+def _small(name: str, version: int = 3, **serving: Any) -> dict[str, Any]:
+    base = {"resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"}, "gpuProduct": "NVIDIA-A10G", **serving}
+    return {
+        "apiVersion": "recserve.dev/v1alpha1",
+        "kind": "RecommenderModel",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": f"pvc://models/{name}/{version}", "format": "onnx", "version": version},
+            "serving": {k: v for k, v in base.items() if v is not None},
+        },
+    }
+
+
+def _pods(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    result = get_json(cluster, "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}")
+    return [p for p in result["items"] if not p["metadata"].get("deletionTimestamp")] if result else []
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT / "examples")))
+def test_every_example_reaches_ready_on_the_right_nodes(operator: OperatorProcess, namespace: str, path: Path) -> None:
+    cluster = operator.cluster
+    doc = _example(path)
+    name = doc["metadata"]["name"]
+    cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+    obj = wait_ready(cluster, namespace, name)
+
+    rev = obj["status"]["stable"]["revision"]
+    assert obj["status"]["latestRevision"] == rev
+    # Progressive strategies put the built-in router in front; immediate serves from the front Service.
+    progressive = doc["spec"].get("rollout", {}).get("strategy", "immediate") != "immediate"
+    host = f"{name}-router" if progressive else name
+    assert obj["status"]["endpoints"]["http"] == f"http://{host}.{namespace}.svc.cluster.local:8000"
+    assert {c["type"] for c in obj["status"]["conditions"]} >= {
+        "Ready",
+        "ModelRepositoryReady",
+        "Progressing",
+        "Degraded",
+    }
+    front = get_json(cluster, "service", name, "-n", namespace)
+    assert front["spec"]["selector"][REVISION] == rev
+    product = doc["spec"]["serving"].get("gpuProduct")
+    expected_node = NODE_FOR_PRODUCT[product] if product else "cpu-0"
+    pods = _pods(cluster, namespace, name)
+    assert pods and {p["spec"]["nodeName"] for p in pods} == {expected_node}
+    if cluster.kubectl("get", "crd", "servicemonitors.monitoring.coreos.com", check=False).returncode == 0:
+        monitor = get_json(cluster, "servicemonitors.monitoring.coreos.com", name, "-n", namespace)
+        assert monitor and monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    columns = cluster.kubectl("get", "rm", name, "-n", namespace).stdout
+    assert columns.split("\n")[0].split()[:6] == ["NAME", "PHASE", "BACKEND", "STABLE", "CANARY", "READY"]
+    assert "Ready" in columns.split("\n")[1]
+
+
+def test_more_gpus_than_exist_reports_insufficient_gpu(operator: OperatorProcess, namespace: str) -> None:
+    cluster = operator.cluster
+    apply_yaml(cluster, namespace, _small("too-big", resources={"gpu": 16, "cpu": "1", "memory": "1Gi"}))
+
+    def insufficient() -> dict[str, Any] | None:
+        obj = model(cluster, namespace, "too-big")
+        cond = condition(obj, "Ready")
+        return obj if cond and cond["reason"] == "InsufficientGPU" else None
+
+    obj = wait_for(insufficient, 60, message="Ready never reported InsufficientGPU")
+    assert "Insufficient nvidia.com/gpu" in condition(obj, "Ready")["message"]  # type: ignore[index]
+    assert condition(obj, "Degraded")["status"] == "True"  # type: ignore[index]
+    assert obj["status"]["phase"] == "Pending"
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "reason=InsufficientGPU").stdout
+    assert "too-big" in events
+
+
+def test_an_invalid_spec_the_schema_cannot_catch_reports_invalid_spec(
+    operator: OperatorProcess, namespace: str
+) -> None:
+    cluster = operator.cluster
+    apply_yaml(cluster, namespace, _small("dup-batch", dynamicBatching={"preferredBatchSizes": [64, 64]}))
+
+    def invalid() -> dict[str, Any] | None:
+        obj = model(cluster, namespace, "dup-batch")
+        cond = condition(obj, "Ready")
+        return obj if cond and cond["reason"] == "InvalidSpec" else None
+
+    obj = wait_for(invalid, 60, message="Ready never reported InvalidSpec")
+    assert "must not repeat" in condition(obj, "Ready")["message"]  # type: ignore[index]
+    assert obj["status"]["phase"] == "Failed"
+    assert owned(cluster, namespace, "dup-batch") == []
+
+
+def _update_version(cluster: Cluster, ns: str, name: str, version: int) -> None:
+    patch = {"spec": {"model": {"uri": f"pvc://models/{name}/{version}", "version": version}}}
+    cluster.kubectl("patch", "rm", name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
+
+
+def _revisions(cluster: Cluster, ns: str, name: str) -> set[str]:
+    return {o["metadata"]["labels"][REVISION] for o in owned(cluster, ns, name, "deployments")}
+
+
+def test_an_update_rolls_a_new_revision_and_removes_the_old(operator: OperatorProcess, namespace: str) -> None:
+    cluster = operator.cluster
+    apply_yaml(cluster, namespace, _small("roll", replicas=2))
+    old = wait_ready(cluster, namespace, "roll")["status"]["stable"]["revision"]
+
+    _update_version(cluster, namespace, "roll", 4)
+    obj = wait_for(
+        lambda: (o := ready_model(cluster, namespace, "roll")) and o["status"]["stable"]["revision"] != old and o,
+        90,
+        message="new revision never became stable",
+    )
+    new = obj["status"]["stable"]["revision"]
+    assert obj["status"]["stable"]["modelVersion"] == 4
+    wait_for(lambda: _revisions(cluster, namespace, "roll") == {new}, 60, message="old revision was not removed")
+    names = sorted(o["kind"] + "/" + o["metadata"]["name"] for o in owned(cluster, namespace, "roll"))
+    assert names == sorted(
+        [
+            f"ConfigMap/roll-{new}",
+            f"Deployment/roll-{new}",
+            f"PodDisruptionBudget/roll-{new}",
+            f"Service/roll-{new}",
+            "Service/roll",
+        ]
+    )
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "reason=Promoted").stdout
+    assert new in events
+
+
+def test_operator_restart_mid_rollout_converges_without_duplicates(operator: OperatorProcess, namespace: str) -> None:
+    cluster = operator.cluster
+    apply_yaml(cluster, namespace, _small("restart"))
+    old = wait_ready(cluster, namespace, "restart")["status"]["stable"]["revision"]
+
+    _update_version(cluster, namespace, "restart", 5)
+    wait_for(
+        lambda: len(_revisions(cluster, namespace, "restart")) == 2 or None, 60, message="new revision not created"
+    )
+    operator.kill()
+    operator.start()
+
+    obj = wait_for(
+        lambda: (o := ready_model(cluster, namespace, "restart")) and o["status"]["stable"]["revision"] != old and o,
+        90,
+        message="did not converge after restart",
+    )
+    new = obj["status"]["stable"]["revision"]
+    wait_for(lambda: _revisions(cluster, namespace, "restart") == {new}, 60, message="old revision left behind")
+    kinds = [o["kind"] for o in owned(cluster, namespace, "restart")]
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "Service"]
+
+
+def _resource_versions(cluster: Cluster, ns: str) -> dict[str, str]:
+    result = get_json(cluster, "recommendermodels,deployments,services,configmaps,pdb,hpa", "-n", ns)
+    return {f"{o['kind']}/{o['metadata']['name']}": o["metadata"]["resourceVersion"] for o in result["items"]}
+
+
+def test_a_steady_state_makes_no_writes(operator: OperatorProcess, namespace: str) -> None:
+    cluster = operator.cluster
+    apply_yaml(cluster, namespace, _small("steady", replicas=2))
+    apply_yaml(
+        cluster,
+        namespace,
+        _small(
+            "steady-cpu", resources={"gpu": 0, "cpu": "1", "memory": "1Gi"}, instances={"kind": "CPU"}, gpuProduct=None
+        ),
+    )
+    canary = _small("steady-canary")
+    canary["spec"]["rollout"] = {"strategy": "canary", "steps": [{"weight": 10, "pause": "1m"}]}
+    apply_yaml(cluster, namespace, canary)
+    for name in ("steady", "steady-cpu", "steady-canary"):
+        wait_ready(cluster, namespace, name)
+    # Let the last status write and its watch events settle: versions stable for two resync periods.
+    settled: dict[str, Any] = {"rv": None, "since": time.monotonic()}
+
+    def quiet() -> bool:
+        rv = _resource_versions(cluster, namespace)
+        if rv != settled["rv"]:
+            settled.update(rv=rv, since=time.monotonic())
+        return time.monotonic() - settled["since"] > 2 * operator.resync_seconds
+
+    wait_for(quiet, 60, message="objects kept changing")
+    before = _resource_versions(cluster, namespace)
+    writes_before = _writes(operator)
+    reconciles_before = operator.metrics()["recserve_reconciles_total"]  # type: ignore[index]
+
+    with pytest.raises(AssertionError):
+        wait_for(lambda: _resource_versions(cluster, namespace) != before, 10, interval=1.0, message="idle")
+    assert _resource_versions(cluster, namespace) == before
+    assert _writes(operator) == writes_before
+    # The idle window did reconcile (resync timer), it just found nothing to change.
+    assert operator.metrics()["recserve_reconciles_total"] > reconciles_before  # type: ignore[index]
+
+
+def _writes(op: OperatorProcess) -> float:
+    m = op.metrics() or {}
+    return sum(
+        v
+        for k, v in m.items()
+        if k.startswith("recserve_api_requests_total") and 'verb="get"' not in k and 'verb="discovery"' not in k
+    )
+
+
+def test_drift_in_owned_objects_is_corrected(operator: OperatorProcess, namespace: str) -> None:
+    cluster = operator.cluster
+    apply_yaml(cluster, namespace, _small("drift"))
+    rev = wait_ready(cluster, namespace, "drift")["status"]["stable"]["revision"]
+    cluster.kubectl("delete", "service", "drift", "-n", namespace)
+    cluster.kubectl("scale", "deployment", f"drift-{rev}", "-n", namespace, "--replicas=3")
+    wait_for(lambda: get_json(cluster, "service", "drift", "-n", namespace), 30, message="front Service not recreated")
+    wait_for(
+        lambda: get_json(cluster, "deployment", f"drift-{rev}", "-n", namespace)["spec"]["replicas"] == 1,
+        30,
+        message="replicas drift not corrected",
+    )
+
+
+def test_deletion_leaves_nothing_behind(operator: OperatorProcess, namespace: str) -> None:
+    cluster = operator.cluster
+    apply_yaml(cluster, namespace, _small("gone", replicas=2))
+    wait_ready(cluster, namespace, "gone")
+    cluster.kubectl("delete", "rm", "gone", "-n", namespace, "--wait=true", timeout=60)
+    wait_for(
+        lambda: owned(cluster, namespace, "gone") == [] and _pods(cluster, namespace, "gone") == [],
+        60,
+        message="owned objects survived deletion",
+    )
+
+
+def test_scaling_changes_replicas_in_place_without_a_new_revision(operator: OperatorProcess, namespace: str) -> None:
+    cluster = operator.cluster
+    apply_yaml(cluster, namespace, _small("scale"))
+    rev = wait_ready(cluster, namespace, "scale")["status"]["stable"]["revision"]
+    updated = copy.deepcopy(_small("scale", replicas=3))
+    apply_yaml(cluster, namespace, updated)
+    wait_for(
+        lambda: (o := ready_model(cluster, namespace, "scale")) and o["status"]["stable"]["readyReplicas"] == 3,
+        60,
+        message="did not scale to 3",
+    )
+    assert _revisions(cluster, namespace, "scale") == {rev}
+
+
+def test_a_canary_without_analysis_steps_through_the_router_and_promotes(
+    operator: OperatorProcess, namespace: str
+) -> None:
+    cluster = operator.cluster
+    body = _small("can")
+    body["spec"]["rollout"] = {"strategy": "canary", "steps": [{"weight": 30, "pause": "3s"}]}
+    apply_yaml(cluster, namespace, body)
+    old = wait_ready(cluster, namespace, "can")["status"]["stable"]["revision"]
+    assert get_json(cluster, "deployment", "can-router", "-n", namespace) is not None
+
+    _update_version(cluster, namespace, "can", 6)
+
+    def at_step() -> dict[str, Any] | None:
+        obj = model(cluster, namespace, "can")
+        canary = (obj or {}).get("status", {}).get("canary") or {}
+        return obj if canary.get("phase") == "Progressing" and canary.get("weight") == 30 else None
+
+    obj = wait_for(at_step, 60, message="canary never reached its 30% step")
+    new = obj["status"]["canary"]["revision"]
+    assert obj["status"]["stable"]["revision"] == old
+    conf = get_json(cluster, "configmap", "can-router", "-n", namespace)["data"]
+    assert any(new in text and old in text for text in conf.values())
+
+    promoted = wait_for(
+        lambda: (o := ready_model(cluster, namespace, "can")) and o["status"]["stable"]["revision"] == new and o,
+        60,
+        message="canary was not promoted",
+    )
+    assert promoted["status"]["canary"]["phase"] == "Promoted"
+    wait_for(lambda: _revisions(cluster, namespace, "can") == {new}, 60, message="old revision was not removed")
+
+
+def test_the_module_entry_point_takes_namespaces_and_liveness_from_the_environment(
+    crd: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    op = OperatorProcess(crd, namespace, tmp_path / "operator.log", entry_point=True)
+    op.start()
+    try:
+        apply_yaml(crd, namespace, _small("entry"))
+        wait_ready(crd, namespace, "entry")
+        with urllib.request.urlopen(op.liveness, timeout=5) as resp:
+            probes = json.loads(resp.read())
+        assert probes["reconciles"] >= 1
+    finally:
+        op.stop()
+    assert "Traceback" not in op.log(), op.log()[-5000:]
+
+
+def test_gateway_api_canary_weights_an_httproute_and_abort_restores_stable(
+    operator: OperatorProcess, namespace: str
+) -> None:
+    cluster = operator.cluster
+    if cluster.kubectl("get", "crd", "httproutes.gateway.networking.k8s.io", check=False).returncode != 0:
+        pytest.fail("the test cluster is expected to carry the Gateway API CRDs")
+    body = _small("gw")
+    body["spec"]["rollout"] = {
+        "strategy": "canary",
+        "steps": [{"weight": 20, "pause": "1h"}, {"weight": 60, "pause": "1h"}],
+        "routing": {"provider": "gatewayAPI", "parentRef": {"name": "shop-gw"}},
+    }
+    apply_yaml(cluster, namespace, body)
+    old = wait_ready(cluster, namespace, "gw")["status"]["stable"]["revision"]
+    _update_version(cluster, namespace, "gw", 7)
+
+    def weighted() -> dict[str, int] | None:
+        route = get_json(cluster, "httproutes.gateway.networking.k8s.io", "gw-router", "-n", namespace)
+        if not route:
+            return None
+        refs = [ref for rule in route["spec"]["rules"] for ref in rule.get("backendRefs", [])]
+        weights = {ref["name"]: ref.get("weight", 1) for ref in refs}
+        return weights if len(set(weights.values())) > 1 else None
+
+    weights = wait_for(weighted, 60, message="HTTPRoute never split traffic")
+    new = model(cluster, namespace, "gw")["status"]["canary"]["revision"]  # type: ignore[index]
+    assert weights[f"gw-{old}"] == 80 and weights[f"gw-{new}"] == 20
+
+    cluster.kubectl("annotate", "rm", "gw", "-n", namespace, "recserve.dev/rollout-action=abort", "--overwrite")
+
+    def aborted() -> dict[str, Any] | None:
+        obj = model(cluster, namespace, "gw")
+        return obj if obj and obj["status"].get("canary", {}).get("phase") in ("Aborted", "RolledBack") else None
+
+    obj = wait_for(aborted, 60, message="abort was not applied")
+    assert obj["status"]["stable"]["revision"] == old
+    wait_for(lambda: _revisions(cluster, namespace, "gw") == {old}, 60, message="aborted candidate still runs")
+    assert weighted() is None
+    wait_for(
+        lambda: (
+            "recserve.dev/rollout-action"
+            not in (model(cluster, namespace, "gw") or {})["metadata"].get("annotations", {})
+        ),
+        30,
+        message="the consumed rollout action annotation was not cleared",
+    )

@@ -1,0 +1,127 @@
+"""Spec parsing: defaults, cross-field checks the CEL rules mirror, and revision hash stability."""
+
+from __future__ import annotations
+
+import pytest
+from operator_samples import example_objects, minimal_spec
+from recserve_operator.spec import InvalidSpec, parse_spec, revision_of
+
+
+def test_minimal_spec_gets_the_crd_defaults() -> None:
+    spec = parse_spec(minimal_spec())
+    assert spec.optimize.backend == "onnxruntime"
+    assert spec.optimize.precision == "fp32"
+    assert spec.serving.replicas == 1
+    assert spec.serving.instance_kind == "GPU"
+    assert spec.serving.resources.gpu == 1
+    assert spec.rollout.strategy == "immediate"
+
+
+@pytest.mark.parametrize("path", sorted(example_objects()))
+def test_every_example_parses(path: str) -> None:
+    parse_spec(example_objects()[path]["spec"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"optimize": {"precision": "int8"}}, "int8 needs calibration"),
+        (
+            {"optimize": {"backend": "tensorrt"}, "serving": {"instances": {"kind": "CPU"}, "resources": {"gpu": 0}}},
+            "tensorrt needs a GPU",
+        ),
+        ({"serving": {"instances": {"kind": "GPU"}, "resources": {"gpu": 0}}}, "kind GPU needs"),
+        (
+            {"serving": {"resources": {"gpu": 0}, "instances": {"kind": "CPU"}, "gpuProduct": "NVIDIA-A10G"}},
+            "gpuProduct selects GPU nodes",
+        ),
+        ({"serving": {"maxBatchSize": 8, "dynamicBatching": {"preferredBatchSizes": [16]}}}, "must not exceed"),
+        (
+            {
+                "serving": {
+                    "replicas": 9,
+                    "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetCPUUtilization": 50},
+                }
+            },
+            "within spec.serving.autoscaling",
+        ),
+        ({"model": {"uri": "ftp://x", "format": "onnx", "version": 1}}, "model.uri must start"),
+        ({"model": {"uri": "pvc://x/y", "format": "onnx", "version": 1, "sha256": "abc"}}, "64 lowercase hex"),
+        ({"serving": {"resources": {"gpu": 1, "cpu": "two"}}}, "CPU quantity"),
+    ],
+    ids=[
+        "int8-needs-calibration",
+        "tensorrt-needs-gpu",
+        "gpu-kind-needs-gpus",
+        "gpu-product-needs-gpus",
+        "preferred-batch-within-max",
+        "replicas-within-autoscaling",
+        "uri-scheme",
+        "sha256-format",
+        "cpu-quantity",
+    ],
+)
+def test_invalid_specs_are_refused_with_a_message_naming_the_field(change: dict, message: str) -> None:
+    spec = minimal_spec()
+    spec.update(change)
+    with pytest.raises(InvalidSpec, match=message):
+        parse_spec(spec)
+
+
+def test_revision_is_stable_for_equal_specs_and_for_explicit_defaults() -> None:
+    implicit = parse_spec(minimal_spec())
+    explicit = parse_spec(
+        minimal_spec(
+            optimize={"backend": "onnxruntime", "precision": "fp32", "parity": {"maxAbsError": 0.0001, "samples": 512}},
+            serving={
+                "maxBatchSize": 256,
+                "instances": {"kind": "GPU", "count": 1},
+                "resources": {"gpu": 1, "cpu": "2", "memory": "4Gi"},
+                "gpuProduct": "NVIDIA-A10G",
+            },
+        )
+    )
+    assert revision_of(implicit) == revision_of(explicit)
+    # A golden value: the hash must not change between operator versions, or every model would roll.
+    assert revision_of(implicit) == "2093bb3015"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": {"uri": "pvc://models/ctr-dnn/4", "format": "keras", "version": 4}},
+        {"optimize": {"precision": "fp16"}},
+        {"serving": {"resources": {"gpu": 2}, "gpuProduct": "NVIDIA-A10G"}},
+        {"serving": {"resources": {"gpu": 1}, "gpuProduct": "NVIDIA-H100-80GB-HBM3"}},
+    ],
+    ids=["model-version", "precision", "gpus", "gpu-product"],
+)
+def test_serving_relevant_changes_make_a_new_revision(change: dict) -> None:
+    assert revision_of(parse_spec(minimal_spec(**change))) != revision_of(parse_spec(minimal_spec()))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"rollout": {"strategy": "canary", "steps": [{"weight": 10}]}},
+        {"serving": {"resources": {"gpu": 1}, "gpuProduct": "NVIDIA-A10G", "replicas": 5}},
+        {
+            "serving": {
+                "resources": {"gpu": 1},
+                "gpuProduct": "NVIDIA-A10G",
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetCPUUtilization": 60},
+            }
+        },
+    ],
+    ids=["rollout", "replicas", "autoscaling"],
+)
+def test_rollout_and_scaling_changes_keep_the_revision(change: dict) -> None:
+    assert revision_of(parse_spec(minimal_spec(**change))) == revision_of(parse_spec(minimal_spec()))
+
+
+def test_auto_backend_picks_tensorrt_on_gpu_and_onnxruntime_on_cpu() -> None:
+    gpu = parse_spec(minimal_spec(optimize={"backend": "auto"}))
+    cpu = parse_spec(
+        minimal_spec(optimize={"backend": "auto"}, serving={"instances": {"kind": "CPU"}, "resources": {"gpu": 0}})
+    )
+    assert (gpu.resolved_backend, cpu.resolved_backend) == ("tensorrt", "onnxruntime")

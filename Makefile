@@ -61,6 +61,12 @@ lint: $(STAMP) ## ruff, mypy, import contracts, CRD and requirement drift
 	$(PY) hack/sync_crds.py --check
 	$(PY) hack/gen_requirements.py --check
 
+demo: setup provision ## the main job locally: cluster, chart, operator, CTR model on Triton, canary to promotion
+	$(PY) -m recserve_cluster.demo up $(DEMO_ARGS)
+
+demo-down: ## stop the demo's cluster (its local processes stop when the demo exits)
+	$(PY) -m recserve_cluster.demo down
+
 test-unit: $(STAMP) ## fast unit tests only
 	$(VENV)/bin/pytest -m "not integration and not builder and not triton and not dataplane and not chart" $(PYTEST_ARGS)
 
@@ -70,4 +76,4 @@ test: setup provision tools lint ## everything CI runs: lint, unit, builder, Tri
 	$(PY) -m recserve_cluster down || true; \
 	exit $$rc
 
-.PHONY: help setup system-packages provision tools chart-crds requirements cluster-up cluster-down lint test-unit test
+.PHONY: demo demo-down help setup system-packages provision tools chart-crds requirements cluster-up cluster-down lint test-unit test

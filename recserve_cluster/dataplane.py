@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -173,3 +174,33 @@ class Prometheus:
             self.proc.kill()
             self.proc.wait(timeout=5)
         self.log.close()
+
+
+class RouterSync:
+    """Follows the operator's builtin-router ConfigMap (plan.json) and applies it to a local nginx.
+
+    This is what the router pods do in a cluster; locally each revision's Service is a local Triton, so
+    `addresses` maps revision -> host:port. A plan naming a revision with no local address yet is held back:
+    traffic never goes to a revision that is not serving here.
+    """
+
+    def __init__(self, kubectl: Callable[..., Any], namespace: str, configmap: str, nginx: Nginx) -> None:
+        self.kubectl = kubectl
+        self.namespace = namespace
+        self.configmap = configmap
+        self.nginx = nginx
+        self.addresses: dict[str, str] = {}
+
+    def current_plan(self) -> TrafficPlan | None:
+        out = self.kubectl("get", "configmap", self.configmap, "-n", self.namespace, "-o", "json", check=False)
+        if out.returncode != 0:
+            return None
+        data = json.loads(out.stdout).get("data") or {}
+        return TrafficPlan.from_dict(json.loads(data["plan.json"])) if "plan.json" in data else None
+
+    def sync(self) -> TrafficPlan | None:
+        """Apply the current plan if every revision in it is served locally; returns the plan in effect."""
+        plan = self.current_plan()
+        if plan is not None and all(b.revision in self.addresses for b in plan.backends):
+            self.nginx.apply(plan, self.addresses)
+        return self.nginx.plan

@@ -57,7 +57,7 @@ requirements: $(STAMP) ## regenerate the pinned image requirement sets from cons
 lint: $(STAMP) ## ruff, mypy, import contracts, CRD and requirement drift
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/lint-imports
+	PYTHONPATH=operator:. $(VENV)/bin/lint-imports
 	$(PY) hack/sync_crds.py --check
 	$(PY) hack/gen_requirements.py --check
 

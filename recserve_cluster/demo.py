@@ -137,7 +137,8 @@ def local_config(pbtxt: str) -> str:
     from model_repo_builder.config import build_model_config, options_from_config, parse_pbtxt, to_pbtxt
 
     cfg = parse_pbtxt(pbtxt)
-    local = replace(options_from_config(cfg), backend="python", instance_kind="CPU", gpus=(), tensorrt_accelerator=False)
+    options = options_from_config(cfg)
+    local = replace(options, backend="python", instance_kind="CPU", gpus=(), tensorrt_accelerator=False)
     return to_pbtxt(build_model_config(cfg.name, local))
 
 

@@ -60,6 +60,10 @@ lint: $(STAMP) ## ruff, mypy, import contracts, CRD and requirement drift
 	PYTHONPATH=operator:. $(VENV)/bin/lint-imports
 	$(PY) hack/sync_crds.py --check
 	$(PY) hack/gen_requirements.py --check
+	$(PY) hack/gen_reference.py --check
+
+reference: $(STAMP) ## regenerate docs/reference.md (every CRD field and chart value)
+	$(PY) hack/gen_reference.py
 
 demo: setup provision ## the main job locally: cluster, chart, operator, CTR model on Triton, canary to promotion
 	$(PY) -m recserve_cluster.demo up $(DEMO_ARGS)
@@ -76,4 +80,4 @@ test: setup provision tools lint ## everything CI runs: lint, unit, builder, Tri
 	$(PY) -m recserve_cluster down || true; \
 	exit $$rc
 
-.PHONY: demo demo-down help setup system-packages provision tools chart-crds requirements cluster-up cluster-down lint test-unit test
+.PHONY: reference demo demo-down help setup system-packages provision tools chart-crds requirements cluster-up cluster-down lint test-unit test

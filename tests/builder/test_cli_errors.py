@@ -85,9 +85,8 @@ def test_existing_version_needs_overwrite(capsys: pytest.CaptureFixture[str], re
     assert r.code == 2 and "already exists" in r.err and "--overwrite" in r.err
 
 
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is present: the gpu suite builds engines")
 def test_tensorrt_without_runtime_is_exit_5(capsys: pytest.CaptureFixture[str], repo_with_version: Path) -> None:
-    if shutil.which("nvidia-smi"):
-        pytest.skip("a GPU is present: the gpu suite covers TensorRT engine builds")
     before = snapshot(repo_with_version)
     r = run_cli(capsys, "build", "--source", "x.onnx", "--repo", repo_with_version, "--name", "m2",
                 "--backend", "tensorrt", "--precision", "fp16")

@@ -21,12 +21,15 @@ class NodeSpec:
     gpus: int = 0
     gpu_product: str = ""
     gpu_memory_mib: int = 0
+    pods: int = 110
 
 
 DEFAULT_NODES: tuple[NodeSpec, ...] = (
     NodeSpec("gpu-h100", cpu="64", memory="512Gi", gpus=8, gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559),
     NodeSpec("gpu-a10g", cpu="32", memory="128Gi", gpus=4, gpu_product="NVIDIA-A10G", gpu_memory_mib=23028),
-    NodeSpec("cpu-0", cpu="16", memory="64Gi"),
+    # kwok runs no containers, so the CPU node may hold more pods than a kubelet would: the operator
+    # benchmark schedules 500 single-replica models.
+    NodeSpec("cpu-0", cpu="16", memory="64Gi", pods=1000),
 )
 
 
@@ -39,7 +42,7 @@ def build_node(spec: NodeSpec) -> dict[str, Any]:
         "node.kubernetes.io/instance-type": "gpu" if spec.gpus else "cpu",
         "type": "kwok",
     }
-    capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": "110", "ephemeral-storage": "500Gi"}
+    capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": str(spec.pods), "ephemeral-storage": "500Gi"}
     taints: list[dict[str, str]] = []
     if spec.gpus:
         labels.update(

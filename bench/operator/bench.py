@@ -1,9 +1,10 @@
-"""Operator benchmark: apply->Deployment and apply->Ready latency (p50/p99), memory with many models, API requests."""
+"""Operator benchmark at 50/200/500 models: time to Ready, apply->Deployment p50/p99, RSS, CPU, requests, writes."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -16,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 
 import kubernetes  # noqa: E402
-import yaml  # noqa: E402
 
 from recserve_cluster.cluster import get_provider  # noqa: E402
 from tests.integration.conftest_operator import OperatorProcess, install_crd  # noqa: E402
@@ -53,27 +53,43 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def run(latency_n: int, memory_n: int, out: Path | None, sequential: bool = False) -> dict[str, Any]:
-    cluster = get_provider().up()
-    install_crd(cluster)
-    ns = f"bench-{int(time.time())}"
+WRITE_VERBS = ("apply", "patch-status", "event", "delete", "patch")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _api(op: OperatorProcess) -> dict[str, float]:
+    return {k: v for k, v in (op.metrics() or {}).items() if k.startswith("recserve_api_requests_total")}
+
+
+def _writes(requests: dict[str, float]) -> float:
+    return sum(v for k, v in requests.items() if any(f'verb="{w}"' in k for w in WRITE_VERBS))
+
+
+def measure(cluster: Any, n: int, steady_s: float) -> dict[str, Any]:
+    """Burst-create n models in a fresh namespace under a fresh operator; latency, memory, CPU, requests, writes."""
+    ns = f"bench-{n}-{int(time.time())}"
     cluster.kubectl("create", "namespace", ns)
     log = Path(tempfile.mkdtemp()) / "operator.log"
     op = OperatorProcess(cluster, ns, log, resync_seconds=10)
     op.start()
     try:
         rss_idle = _rss_kib(op.pid)
-        # Latency: watch streams record first sight of each Deployment and of phase Ready while models are
-        # created in a burst through the API (no kubectl subprocess between the clock and the request).
-        names = [f"lat-{i:03d}" for i in range(latency_n)]
+        cpu0 = _cpu_s(op.pid)
+        names = [f"m-{i:03d}" for i in range(n)]
         api = kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
         deployed: dict[str, float] = {}
         ready: dict[str, float] = {}
         stop = threading.Event()
 
+        # Watch streams record first sight of each Deployment and of phase Ready while models are created in a
+        # burst through the API (no kubectl subprocess between the clock and the request).
         def watch(list_fn: Any, record: Any, **kw: Any) -> None:
             w = kubernetes.watch.Watch()
-            for event in w.stream(list_fn, namespace=ns, timeout_seconds=600, **kw):
+            for event in w.stream(list_fn, namespace=ns, timeout_seconds=900, **kw):
                 record(event["object"])
                 if stop.is_set():
                     w.stop()
@@ -86,11 +102,9 @@ def run(latency_n: int, memory_n: int, out: Path | None, sequential: bool = Fals
                 ready.setdefault(obj["metadata"]["name"], time.monotonic())
 
         custom = kubernetes.client.CustomObjectsApi(api)
+        apps = kubernetes.client.AppsV1Api(api)
         threads = [
-            threading.Thread(
-                target=watch, args=(kubernetes.client.AppsV1Api(api).list_namespaced_deployment, on_deployment),
-                daemon=True,
-            ),
+            threading.Thread(target=watch, args=(apps.list_namespaced_deployment, on_deployment), daemon=True),
             threading.Thread(
                 target=watch, args=(custom.list_namespaced_custom_object, on_model),
                 kwargs={"group": "recserve.dev", "version": "v1alpha1", "plural": "recommendermodels"}, daemon=True,
@@ -100,65 +114,78 @@ def run(latency_n: int, memory_n: int, out: Path | None, sequential: bool = Fals
             t.start()
         time.sleep(1.0)  # let both watches establish before the first create
         applied: dict[str, float] = {}
+        start = time.monotonic()
         for name in names:
             applied[name] = time.monotonic()
             custom.create_namespaced_custom_object("recserve.dev", "v1alpha1", ns, "recommendermodels", _model(name))
-            # Sequential mode measures one model at a time (no queueing behind the others).
-            while sequential and name not in ready and time.monotonic() - applied[name] < 120:
-                time.sleep(0.05)
-        deadline = time.monotonic() + 600
-        while len(ready) < len(names) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 900
+        while len(ready) < n and time.monotonic() < deadline:
             time.sleep(0.5)
+        all_ready_s = (max(ready.values()) - start) if len(ready) == n else None
+        busy_cpu = _cpu_s(op.pid) - cpu0
+        rss_loaded = _rss_kib(op.pid)
         stop.set()
-        to_dep = [deployed[n] - applied[n] for n in names if n in deployed]
-        to_ready = [ready[n] - applied[n] for n in names if n in ready]
-        metrics = op.metrics() or {}
-        reconciles = metrics.get("recserve_reconciles_total", 0.0)
-        requests = {k: v for k, v in metrics.items() if k.startswith("recserve_api_requests_total")}
-
-        # Memory: grow to memory_n models (zero replicas: the kwok node holds 110 pods), measure once all reconciled.
-        extra = [_model(f"mem-{i:03d}", replicas=0) for i in range(memory_n - latency_n)]
-        print(json.dumps({"to_deployment_s": _summary(to_dep), "to_ready_s": _summary(to_ready)}), flush=True)
-        for i in range(0, len(extra), 25):
-            chunk = yaml.safe_dump_all(extra[i : i + 25])
-            cluster.kubectl("create", "-n", ns, "-f", "-", input=chunk, timeout=300)
-        settle = time.monotonic() + 300
-        while time.monotonic() < settle:
-            models = json.loads(cluster.kubectl("get", "rm", "-n", ns, "-o", "json").stdout)["items"]
-            if sum("observedGeneration" in (m.get("status") or {}) for m in models) >= memory_n:
-                break
-        rss_many = _rss_kib(op.pid)
-        result = {
-            "models_latency": latency_n,
-            "mode": "sequential" if sequential else "burst",
+        reconciles = (op.metrics() or {}).get("recserve_reconciles_total", 0.0)
+        requests = _api(op)
+        # Steady state: every model Ready and nothing changing; count the operator's writes over a window.
+        writes0, cpu1, t1 = _writes(_api(op)), _cpu_s(op.pid), time.monotonic()
+        time.sleep(steady_s)
+        steady_writes = _writes(_api(op)) - writes0
+        window = time.monotonic() - t1
+        steady_cpu = (_cpu_s(op.pid) - cpu1) / window
+        to_dep = [deployed[m] - applied[m] for m in names if m in deployed]
+        to_ready = [ready[m] - applied[m] for m in names if m in ready]
+        return {
+            "models": n,
+            "ready": len(ready),
+            "all_ready_s": all_ready_s,
             "apply_to_deployment_s": _summary(to_dep),
             "apply_to_ready_s": _summary(to_ready),
             "mean_to_ready_s": statistics.fmean(to_ready) if to_ready else None,
+            "operator_rss_mib_idle": rss_idle / 1024,
+            "operator_rss_mib_loaded": rss_loaded / 1024,
+            "operator_cpu_s_until_ready": busy_cpu,
+            "operator_cpu_cores_steady": steady_cpu,
             "reconciles": reconciles,
             "api_requests": requests,
             "api_requests_per_reconcile": sum(requests.values()) / reconciles if reconciles else None,
-            "rss_mib_idle": rss_idle / 1024,
-            f"rss_mib_{memory_n}_models": rss_many / 1024,
+            "steady_writes_per_minute": steady_writes * 60 / window,
         }
     finally:
         op.stop()
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-    text = json.dumps(result, indent=2)
-    print(text)
+
+
+def run(sizes: list[int], steady_s: float, out: Path | None) -> list[dict[str, Any]]:
+    cluster = get_provider().up()
+    install_crd(cluster)
+    results = []
+    for n in sizes:
+        r = measure(cluster, n, steady_s)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    print(f"{'models':>6} {'all Ready s':>11} {'->Deploy p50/p99 s':>19} {'->Ready p50/p99 s':>18} "
+          f"{'RSS MiB':>8} {'CPU s':>6} {'req/reconcile':>13} {'writes/min steady':>17}")
+    for r in results:
+        d, rd = r["apply_to_deployment_s"], r["apply_to_ready_s"]
+        all_ready = r["all_ready_s"] or float("nan")
+        print(f"{r['models']:>6} {all_ready:>11.1f} {d.get('p50', 0):>9.2f}/{d.get('p99', 0):<9.2f}"
+              f" {rd.get('p50', 0):>8.2f}/{rd.get('p99', 0):<9.2f} {r['operator_rss_mib_loaded']:>8.0f}"
+              f" {r['operator_cpu_s_until_ready']:>6.1f} {r['api_requests_per_reconcile'] or 0:>13.2f}"
+              f" {r['steady_writes_per_minute']:>17.1f}")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    return result
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--latency-models", type=int, default=50)
-    parser.add_argument("--memory-models", type=int, default=200)
-    parser.add_argument("--sequential", action="store_true", help="create the latency models one at a time")
+    parser.add_argument("--sizes", default="50,200,500", help="comma-separated model counts, each measured fresh")
+    parser.add_argument("--steady-seconds", type=float, default=60.0, help="window for steady-state writes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operator.json")
     args = parser.parse_args()
-    run(args.latency_models, args.memory_models, args.out, args.sequential)
+    run([int(x) for x in args.sizes.split(",")], args.steady_seconds, args.out)
 
 
 if __name__ == "__main__":

@@ -142,12 +142,13 @@ def local_config(pbtxt: str) -> str:
     return to_pbtxt(build_model_config(cfg.name, local))
 
 
-def local_build(cluster: Cluster, revision: str) -> Path:
-    """Run the revision's init container command locally: same builder, same args, local paths and CPU runtime."""
-    deploy = _json(cluster, "get", "deployment", f"{MODEL}-{revision}", "-n", NAMESPACE)
+def revision_build_command(cluster: Cluster, namespace: str, model: str, revision: str,
+                           rev_dir: Path) -> tuple[list[str], Path]:
+    """The revision's init container args rewritten for a local build under rev_dir: same builder, same args,
+    local paths and the CPU runtime. Returns (builder args, the repository they build)."""
+    deploy = _json(cluster, "get", "deployment", f"{model}-{revision}", "-n", namespace)
     init = deploy["spec"]["template"]["spec"]["initContainers"][0]
-    cm = _json(cluster, "get", "configmap", f"{MODEL}-{revision}", "-n", NAMESPACE)
-    rev_dir = WORK / "revisions" / revision
+    cm = _json(cluster, "get", "configmap", f"{model}-{revision}", "-n", namespace)
     rev_dir.mkdir(parents=True, exist_ok=True)
     (rev_dir / "config.pbtxt").write_text(local_config(cm["data"]["config.pbtxt"]))
     repo = rev_dir / "models"
@@ -155,11 +156,23 @@ def local_build(cluster: Cluster, revision: str) -> Path:
     args[args.index("--repo") + 1] = str(repo)
     args[args.index("--backend") + 1] = "python"
     args += ["--overwrite"]
-    say(f"Init step of revision {revision}: model-repo-builder {' '.join(args[:3])} ... (convert, parity, config)")
-    out = subprocess.run([PY, "-m", "model_repo_builder", *args], capture_output=True, text=True)
+    return args, repo
+
+
+def run_builder(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`python -m model_repo_builder ARGS`; the builder's JSON report, or ClusterError with its stderr."""
+    out = subprocess.run([PY, "-m", "model_repo_builder", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise ClusterError(f"model build failed (exit {out.returncode}): {out.stderr.strip()[-1500:]}")
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return report
+
+
+def local_build(cluster: Cluster, revision: str) -> Path:
+    """Run the revision's init container command locally: same builder, same args, local paths and CPU runtime."""
+    args, repo = revision_build_command(cluster, NAMESPACE, MODEL, revision, WORK / "revisions" / revision)
+    say(f"Init step of revision {revision}: model-repo-builder {' '.join(args[:3])} ... (convert, parity, config)")
+    report = run_builder(args)
     parity = report.get("parity") or {}
     info(f"built {repo}; parity max abs error {parity.get('max_abs_error', parity)}")
     return repo

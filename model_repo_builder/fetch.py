@@ -188,6 +188,9 @@ def _fetch_s3(uri: str, dest: Path, endpoint: str | None, max_bytes: int, show_p
         ) from exc
 
 
+GCS_S3_ENDPOINT = "https://storage.googleapis.com"
+
+
 def fetch(
     uri: str | Path,
     workdir: Path,
@@ -210,9 +213,15 @@ def fetch(
         raw = _fetch_http(uri, workdir, max_bytes, show_progress, retries)
     elif scheme == "s3":
         raw = _fetch_s3(uri, workdir, s3_endpoint, max_bytes, show_progress)
+    elif scheme == "gs":
+        # Google Cloud Storage through its S3-compatible XML API (HMAC keys in AWS_ACCESS_KEY_ID/SECRET), so one
+        # well-kept client (boto3) serves both clouds.
+        endpoint = s3_endpoint or os.environ.get("GCS_ENDPOINT_URL") or GCS_S3_ENDPOINT
+        raw = _fetch_s3(uri, workdir, endpoint, max_bytes, show_progress)
     else:
         raise UsageError(
-            f"unsupported source scheme {scheme!r} in {uri!r}", "use a path, file://, https://, pvc:// or s3://"
+            f"unsupported source scheme {scheme!r} in {uri!r}",
+            "use a path, file://, https://, pvc://, s3:// or gs://",
         )
     # The pin covers what was published (the archive itself when the source is one).
     digest = sha256_of(raw)

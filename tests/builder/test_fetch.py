@@ -54,7 +54,7 @@ def test_pvc_scheme_resolves_under_mount_root(tmp_path: Path, monkeypatch: pytes
 
 def test_unsupported_scheme(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="unsupported source scheme"):
-        F.fetch("gs://bucket/model.onnx", tmp_path)
+        F.fetch("ftp://bucket/model.onnx", tmp_path)
 
 
 def test_http_download_archive_and_404(tmp_path: Path, http_dir: tuple[str, Path]) -> None:
@@ -98,6 +98,19 @@ def test_s3_object_prefix_and_missing_key(tmp_path: Path, s3_server: S3Server) -
     with pytest.raises(BadInputError, match="sha256 mismatch"):
         F.fetch(f"s3://{s3_server.bucket}/ctr/1/model.onnx", tmp_path, s3_endpoint=s3_server.endpoint,
                 sha256="f" * 64)
+
+
+def test_gs_uses_the_s3_compatible_api_at_the_configured_endpoint(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Real GCS answers its XML API at storage.googleapis.com; here the same protocol is served by SeaweedFS.
+    assert F.GCS_S3_ENDPOINT == "https://storage.googleapis.com"
+    payload = b"gcs-model" * 1000
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="two-tower/7/user_tower.keras", Body=payload)
+    monkeypatch.setenv("GCS_ENDPOINT_URL", s3_server.endpoint)
+    got = F.fetch(f"gs://{s3_server.bucket}/two-tower/7/user_tower.keras", tmp_path,
+                  sha256=hashlib.sha256(payload).hexdigest())
+    assert got.path.read_bytes() == payload
 
 
 def test_http_retries_transient_errors(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build one model version into a Triton repository", epilog=errors.EXIT_CODES_HELP,
                        formatter_class=fmt)
-    b.add_argument("--source", required=True, help="path, file://, https://, pvc://claim/path or s3://bucket/key")
+    b.add_argument("--source", required=True, help="path, file://, https://, pvc://claim/path, s3://bucket/key or gs://bucket/key")
     b.add_argument("--format", choices=["keras", "savedmodel", "onnx"], help="source format (default: from the path)")
     b.add_argument("--sha256", help="expected sha256 of the source; a mismatch refuses the build")
     b.add_argument("--name", help="model name (default: template name, else the source file stem)")

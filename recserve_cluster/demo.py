@@ -254,6 +254,10 @@ def run(keep_serving: bool) -> int:
         stack.callback(prometheus.stop)
         stack.enter_context(operator_process(cluster, prometheus.url))
 
+        # A re-run starts the story from version 1: remove what an earlier run left, children first (foreground
+        # deletion returns only once garbage collection has removed every owned object).
+        cluster.kubectl("delete", "recommendermodel", MODEL, "-n", NAMESPACE, "--ignore-not-found",
+                        "--cascade=foreground", "--wait=true", "--timeout=120s", timeout=150)
         say(f"Applying RecommenderModel {NAMESPACE}/{MODEL} (canary strategy, builtin router)")
         cluster.kubectl("apply", "--server-side", "--field-manager=demo", "-f", "-",
                         input=yaml.safe_dump(recommender_model(v1, 1, prometheus.url)))

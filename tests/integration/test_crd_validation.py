@@ -8,18 +8,12 @@ import pytest
 import yaml
 
 from recserve_cluster.cluster import Cluster
-from tests.integration.conftest_operator import ROOT, install_crd
+from tests.integration.conftest_operator import ROOT
 
 pytestmark = pytest.mark.integration
 
 REJECTS = sorted((ROOT / "tests" / "integration" / "manifests").glob("reject-*.yaml"))
 EXAMPLES = sorted((ROOT / "examples").glob("**/*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: Cluster) -> Cluster:
-    install_crd(cluster)
-    return cluster
 
 
 def test_kubectl_explain_teaches_the_api(crd: Cluster) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +14,6 @@ from tests.integration.conftest_operator import (
     OperatorProcess,
     apply_yaml,
     get_json,
-    install_crd,
     model,
     owned,
     wait_ready,
@@ -26,22 +23,6 @@ pytestmark = pytest.mark.integration
 
 REVISION = "recserve.dev/revision"
 ACTION = "recserve.dev/rollout-action"
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: Cluster) -> Cluster:
-    install_crd(cluster)
-    return cluster
-
-
-@pytest.fixture
-def operator(crd: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(crd, namespace, tmp_path / "operator.log")
-    op.start()
-    yield op
-    op.stop()
-    log = op.log()
-    assert "Traceback" not in log, log[-5000:]
 
 
 def _canary(name: str, version: int, steps: list[dict[str, Any]]) -> dict[str, Any]:

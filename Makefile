@@ -21,23 +21,36 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) system-packages ## create the virtualenv and install Python and Debian dependencies
 
-system-packages: ## Debian packages used by the data-plane tests (nginx, Prometheus)
-	@missing=""; for b in /usr/sbin/nginx /usr/bin/prometheus; do [ -x $$b ] || missing=1; done; \
+# Debian packages: nginx and Prometheus for the local data-plane tests; containerd, runc, CNI plugins, iptables
+# for the real node; buildah and mmdebstrap for the images. Debian's services must not start at install
+# (a policy-rc.d that refuses them is put in place only for this install, if the host has none), so
+# nothing on the machine is stopped by name afterwards.
+DEB_PACKAGES := nginx prometheus containerd runc containernetworking-plugins iptables conntrack buildah mmdebstrap uidmap
+DEB_PROBES := /usr/sbin/nginx /usr/bin/prometheus /usr/bin/containerd /usr/sbin/runc /usr/lib/cni/bridge /usr/sbin/iptables /usr/bin/buildah /usr/bin/mmdebstrap
+system-packages: ## Debian packages: nginx, Prometheus, containerd, runc, CNI plugins, iptables, buildah, mmdebstrap
+	@missing=""; for b in $(DEB_PROBES); do [ -x $$b ] || missing=1; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "==> installing Debian packages nginx prometheus"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx prometheus >/dev/null; \
-	  systemctl disable --now nginx prometheus >/dev/null 2>&1 || true; \
-	  pkill -x nginx || true; pkill -x prometheus || true; \
+	  echo "==> installing Debian packages $(DEB_PACKAGES)"; \
+	  policy=""; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod +x /usr/sbin/policy-rc.d; policy=1; fi; \
+	  rc=0; { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(DEB_PACKAGES) >/dev/null; } || rc=$$?; \
+	  [ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; \
+	  exit $$rc; \
 	fi
 
 provision: $(STAMP) ## find or build the pinned Kubernetes/etcd/kwok/helm binaries (cold: ~25 min, cached after)
 	$(PY) -m recserve_cluster provision
 
-cluster-up: provision ## start the local cluster (real control plane + kwok GPU nodes)
+cluster-up: provision images ## start the local cluster: real control plane, kwok GPU nodes, real node real-0 (RECSERVE_REAL_NODE=0: kwok only)
 	$(PY) -m recserve_cluster up
 
-cluster-down: ## stop the local cluster and every process it started
+cluster-down: ## stop the local cluster and every process it started; fails if anything is left behind
 	$(PY) -m recserve_cluster down
+	$(PY) -m recserve_cluster leftovers
+
+images: $(STAMP) system-packages ## build the real node's images (Debian stand-ins, operator, builder, CPU Triton); cached by content
+	$(PY) -m recserve_cluster images $(IMAGES_ARGS)
 
 TOOLS_STAMP := .venv-tools/.installed
 $(TOOLS_STAMP): requirements/tools.txt
@@ -65,7 +78,7 @@ lint: $(STAMP) ## ruff, mypy, import contracts, CRD and requirement drift
 reference: $(STAMP) ## regenerate docs/reference.md (every CRD field and chart value)
 	$(PY) hack/gen_reference.py
 
-demo: setup provision ## the main job locally: cluster, chart, operator, CTR model on Triton, canary to promotion
+demo: setup provision images ## the main job locally: cluster, chart, operator, CTR model on Triton, canary to promotion
 	$(PY) -m recserve_cluster.demo up $(DEMO_ARGS)
 
 demo-down: ## stop the demo's cluster (its local processes stop when the demo exits)
@@ -74,10 +87,11 @@ demo-down: ## stop the demo's cluster (its local processes stop when the demo ex
 test-unit: $(STAMP) ## fast unit tests only
 	$(VENV)/bin/pytest -m "not integration and not builder and not triton and not dataplane and not chart" $(PYTEST_ARGS)
 
-test: setup provision tools lint ## everything CI runs: lint, unit, builder, Triton, control-plane and data-plane tests
+test: setup provision images tools lint ## everything CI runs: lint, unit, builder, Triton, control-plane and data-plane tests
 	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; rc=1; fi; \
 	$(PY) -m recserve_cluster down || true; \
+	$(PY) -m recserve_cluster leftovers || rc=1; \
 	exit $$rc
 
-.PHONY: reference demo demo-down help setup system-packages provision tools chart-crds requirements cluster-up cluster-down lint test-unit test
+.PHONY: reference demo demo-down help setup system-packages provision tools chart-crds requirements cluster-up cluster-down images lint test-unit test

@@ -6,9 +6,10 @@ import argparse
 import sys
 import time
 
-from . import tools
-from .cluster import get_provider
+from . import images, tools
+from .cluster import CLUSTER_NAME, get_provider
 from .errors import ClusterError
+from .realnode import RealNode, leftovers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="delete the cluster and stop every process it started")
     sub.add_parser("kubeconfig", help="print the kubeconfig path of the running cluster")
     sub.add_parser("versions", help="print the pinned versions")
+    sub.add_parser("leftovers", help="fail if a stopped real node left a process, link, rule, mount or cgroup")
+    img = sub.add_parser("images", help="build (or reuse) the real node's container images and export them")
+    img.add_argument("--load", metavar="ADDRESS", help="then import them into the containerd at this socket")
+    img.add_argument("--force", action="store_true", help="rebuild even the images whose inputs did not change")
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
@@ -35,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
             if current is None:
                 raise ClusterError("no cluster is running; start one with `make cluster-up`")
             print(current.kubeconfig)
+        elif args.cmd == "images":
+            print(images.describe(images.build(force=args.force)))
+            if args.load:
+                images.load(args.load)
+        elif args.cmd == "leftovers":
+            found = {k: v for k, v in leftovers(RealNode(CLUSTER_NAME)).items() if v}
+            if found:
+                raise ClusterError(f"the real node left these behind: {found}")
         elif args.cmd == "versions":
             for t in tools.TOOLS:
                 print(f"{t.name}\t{t.version}")

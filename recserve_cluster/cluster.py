@@ -18,13 +18,21 @@ from typing import Protocol
 
 import yaml
 
+from . import nodeconfig as nc
 from . import tools
 from .errors import ClusterError
 from .nodes import DEFAULT_NODES, KWOK_NODE_ANNOTATION, build_node
+from .realnode import RealNode, preflight
 from .waiting import wait_for
 
 CLUSTER_NAME = os.environ.get("RECSERVE_CLUSTER_NAME", "recserve")
 PROVIDER_ENV = "RECSERVE_CLUSTER_PROVIDER"
+REAL_NODE_ENV = "RECSERVE_REAL_NODE"
+
+
+def real_node_enabled() -> bool:
+    """The kwok provider runs the real node unless RECSERVE_REAL_NODE=0 asks for the kwok-only cluster."""
+    return os.environ.get(REAL_NODE_ENV, "1") != "0"
 
 
 def _log(msg: str) -> None:
@@ -99,8 +107,10 @@ class KwokProvider:
 
     name = "kwok"
 
-    def __init__(self, cluster_name: str = CLUSTER_NAME) -> None:
+    def __init__(self, cluster_name: str = CLUSTER_NAME, real_node: bool | None = None) -> None:
         self.cluster_name = cluster_name
+        self.real_node = real_node_enabled() if real_node is None else real_node
+        self.node = RealNode(cluster_name)
 
     @property
     def cluster_dir(self) -> Path:
@@ -123,12 +133,31 @@ class KwokProvider:
         probe = cluster.kubectl("get", "--raw", "/readyz", check=False, timeout=10)
         return cluster if probe.returncode == 0 else None
 
+    def _server(self) -> tuple[str, int]:
+        server = yaml.safe_load(self.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+        host, port = server.rsplit("//", 1)[1].rsplit(":", 1)
+        return host, int(port)
+
+    def _has_node_endpoint(self, cluster: Cluster) -> bool:
+        """Whether this control plane was started for the real node (pods can reach its apiserver)."""
+        out = cluster.kubectl("get", "endpointslices", "-n", "default", "-l", "kubernetes.io/service-name=kubernetes",
+                              "-o", "jsonpath={.items[*].endpoints[*].addresses[*]}", check=False)
+        return self.node.net.node_ip in out.stdout.split()
+
     def up(self) -> Cluster:
         bins = tools.provision()
+        if self.real_node:
+            preflight()
         existing = self.current()
+        if existing and self.real_node and not self._has_node_endpoint(existing):
+            _log(f"cluster {self.cluster_name!r} runs without the real node; recreating it with {nc.NODE_NAME}")
+            self._delete(bins)
+            existing = None
         if existing:
             _log(f"cluster {self.cluster_name!r} already running (kubeconfig {self.kubeconfig})")
             prepare(existing)
+            if self.real_node and not self.node.running():
+                self._start_node(existing)
             return existing
         if self.cluster_dir.exists():
             # A stopped or half-created cluster: remove it so creation starts clean.
@@ -139,18 +168,55 @@ class KwokProvider:
             raise ClusterError(
                 f"port {port} for kube-apiserver is already in use; free it or set RECSERVE_APISERVER_PORT"
             )
+        try:
+            cluster = self._create(bins, port)
+            if self.real_node:
+                self._start_node(cluster)
+        except BaseException:
+            # Nothing is left half-started: a failure anywhere stops what was started so far.
+            _log("cluster start failed; stopping what was started")
+            self.down()
+            raise
+        return cluster
+
+    def _start_node(self, cluster: Cluster) -> None:
+        self.node.setup_network(self._server()[1])
+        self.node.start(cluster)
+
+    def _create(self, bins: dict[str, Path], port: int) -> Cluster:
+        bind = "127.0.0.1"
+        extra: list[str] = [
+            # kwok simulates only the annotated nodes; the real node belongs to its kubelet.
+            "kwok-controller=manage-all-nodes=false",
+            f"kwok-controller=manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+            "kube-apiserver=advertise-address=127.0.0.1",
+        ]
+        options: dict[str, object] = {"bindAddress": bind, "kubectlBinary": str(bins["kubectl"])}
+        if self.real_node:
+            net = self.node.net
+            # Pods reach the apiserver through the `kubernetes` Service, whose endpoint is the advertised
+            # address: the node address on the bridge (loopback would be each pod's own). kwokctl wires its
+            # components together over 127.0.0.1, so only the apiserver listens on all IPv4 addresses;
+            # the node's guard drops its port on every interface but loopback and the pods' bridge.
+            self.node.setup_network(port)
+            pki = self.cluster_dir / "pki"
+            extra = [
+                *extra[:2],
+                "kube-apiserver=bind-address=0.0.0.0",
+                f"kube-apiserver=advertise-address={net.node_ip}",
+                # kwokctl prefers node host names, which only the cluster's own DNS could resolve.
+                "kube-apiserver=kubelet-preferred-address-types=InternalIP,Hostname",
+                f"kube-apiserver=kubelet-client-certificate={pki / 'admin.crt'}",
+                f"kube-apiserver=kubelet-client-key={pki / 'admin.key'}",
+            ]
+            options["kubeApiserverCertSANs"] = [net.api_service_ip, net.node_ip]
         config = _workdir() / f"{self.cluster_name}-kwokctl.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
-                    "kind": "KwokctlConfiguration",
-                    "options": {"bindAddress": "127.0.0.1", "kubectlBinary": str(bins["kubectl"])},
-                }
-            )
+            yaml.safe_dump({"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokctlConfiguration",
+                            "options": options})
         )
-        _log(f"creating cluster {self.cluster_name!r} (kube-apiserver on 127.0.0.1:{port})")
+        _log(f"creating cluster {self.cluster_name!r} (kube-apiserver on {bind}:{port})")
         start = time.monotonic()
         cmd = [
             str(bins["kwokctl"]), "create", "cluster", "--name", self.cluster_name, "--runtime", "binary",
@@ -161,11 +227,12 @@ class KwokProvider:
             "--kube-scheduler-binary", str(bins["kube-scheduler"]),
             "--etcd-binary", str(bins["etcd"]),
             "--kwok-controller-binary", str(bins["kwok"]),
-            "--extra-args", "kube-apiserver=advertise-address=127.0.0.1",
             # The default /24 runs out at ~250 Services; the operator benchmark creates hundreds.
             "--extra-args", "kube-apiserver=service-cluster-ip-range=10.96.0.0/16",
             "--extra-args", "kube-controller-manager=service-cluster-ip-range=10.96.0.0/16",
         ]
+        for arg in extra:
+            cmd += ["--extra-args", arg]
         out = subprocess.run(cmd, env=self._env(bins), capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             logs = self.cluster_dir / "logs"
@@ -187,6 +254,8 @@ class KwokProvider:
 
     def down(self) -> None:
         bins = tools.provision(build=False)
+        # The node first: its kubelet and kube-proxy would otherwise retry against a vanished apiserver.
+        self.node.stop()
         if self.cluster_dir.exists():
             _log(f"deleting cluster {self.cluster_name!r}")
             self._delete(bins)

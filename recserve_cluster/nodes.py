@@ -33,6 +33,21 @@ DEFAULT_NODES: tuple[NodeSpec, ...] = (
 )
 
 
+GPU_FAMILIES = {"H100": "hopper", "A10G": "ampere", "A100": "ampere", "L4": "ada-lovelace"}
+
+
+def gpu_labels(spec: NodeSpec) -> dict[str, str]:
+    """The labels NVIDIA GPU feature discovery puts on a node with this product."""
+    family = next((f for key, f in GPU_FAMILIES.items() if key in spec.gpu_product), "unknown")
+    return {
+        "nvidia.com/gpu.present": "true",
+        "nvidia.com/gpu.product": spec.gpu_product,
+        "nvidia.com/gpu.count": str(spec.gpus),
+        "nvidia.com/gpu.memory": str(spec.gpu_memory_mib),
+        "nvidia.com/gpu.family": family,
+    }
+
+
 def build_node(spec: NodeSpec) -> dict[str, Any]:
     """A Node object with status set at creation, as kwok expects (nodes accept status on create)."""
     labels = {
@@ -45,15 +60,7 @@ def build_node(spec: NodeSpec) -> dict[str, Any]:
     capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": str(spec.pods), "ephemeral-storage": "500Gi"}
     taints: list[dict[str, str]] = []
     if spec.gpus:
-        labels.update(
-            {
-                "nvidia.com/gpu.present": "true",
-                "nvidia.com/gpu.product": spec.gpu_product,
-                "nvidia.com/gpu.count": str(spec.gpus),
-                "nvidia.com/gpu.memory": str(spec.gpu_memory_mib),
-                "nvidia.com/gpu.family": "hopper" if "H100" in spec.gpu_product else "ampere",
-            }
-        )
+        labels.update(gpu_labels(spec))
         capacity["nvidia.com/gpu"] = str(spec.gpus)
         taints.append({"key": GPU_TAINT_KEY, "value": "present", "effect": "NoSchedule"})
     return {

@@ -25,8 +25,13 @@ KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.22.0"
 GATEWAY_API_VERSION = "v1.6.3"
 PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
+# CoreDNS serves cluster.local for the real node's pods (newest release; its go.mod has no replaces).
+COREDNS_VERSION = "v1.15.0"
 
-KUBE_COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+# kubelet and kube-proxy run the real node (real-0); they build from the same wrapper module.
+KUBE_COMPONENTS = (
+    "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ TOOLS: tuple[Tool, ...] = (
     Tool("kwok", KWOK_VERSION, "RECSERVE_KWOK"),
     Tool("kwokctl", KWOK_VERSION, "RECSERVE_KWOKCTL"),
     Tool("helm", HELM_VERSION, "RECSERVE_HELM"),
+    Tool("coredns", COREDNS_VERSION, "RECSERVE_COREDNS"),
 )
 
 
@@ -139,11 +145,13 @@ def _build_kubernetes(dest: Path, version: str) -> None:
     pkgs = [f"k8s.io/kubernetes/cmd/{c}" for c in KUBE_COMPONENTS]
     _run_build([go, "mod", "download", "k8s.io/kubernetes"], src, "module download")
     _run_build([go, "get", f"k8s.io/kubernetes@{version}"], src, "module graph")
+    # kubelet and kube-proxy pull packages outside the apiserver's graph: fill go.sum for them too.
+    _run_build([go, "get", *(f"{p}@{version}" for p in pkgs)], src, "module graph (commands)")
     dest.mkdir(parents=True, exist_ok=True)
     _run_build(
         [go, "build", "-trimpath", "-ldflags", _ldflags_kube(version), "-o", str(dest) + "/", *pkgs],
         src,
-        "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl",
+        ", ".join(KUBE_COMPONENTS),
     )
 
 
@@ -185,12 +193,17 @@ def _build_helm(dest: Path, version: str) -> None:
     _go_install(dest, [f"helm.sh/helm/v{major}/cmd/helm@{version}"], f"helm {version}")
 
 
+def _build_coredns(dest: Path, version: str) -> None:
+    _go_install(dest, [f"github.com/coredns/coredns@{version}"], f"CoreDNS {version}")
+
+
 BUILDERS: dict[str, tuple[str, Callable[[Path, str], None]]] = {
     **{c: ("kubernetes", _build_kubernetes) for c in KUBE_COMPONENTS},
     "etcd": ("etcd", _build_etcd),
     "kwok": ("kwok", _build_kwok),
     "kwokctl": ("kwok", _build_kwok),
     "helm": ("helm", _build_helm),
+    "coredns": ("coredns", _build_coredns),
 }
 
 
@@ -201,7 +214,7 @@ def _cached_path(tool: Tool) -> Path:
 
 def _reports_version(path: str, tool: Tool) -> bool:
     args = {"kubectl": ["version", "--client"], "helm": ["version", "--short"], "kwok": ["--version"],
-            "kwokctl": ["--version"]}.get(tool.name, ["--version"])
+            "kwokctl": ["--version"], "coredns": ["-version"]}.get(tool.name, ["--version"])
     try:
         out = subprocess.run([path, *args], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):

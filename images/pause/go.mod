@@ -1,0 +1,3 @@
+module recserve.local/pause
+
+go 1.22

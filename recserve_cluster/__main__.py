@@ -9,7 +9,7 @@ import time
 from . import images, tools
 from .cluster import CLUSTER_NAME, get_provider
 from .errors import ClusterError
-from .realnode import RealNode, leftovers
+from .realnode import RealNode, leftovers, resident_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="delete the cluster and stop every process it started")
     sub.add_parser("kubeconfig", help="print the kubeconfig path of the running cluster")
     sub.add_parser("versions", help="print the pinned versions")
+    sub.add_parser("memory", help="resident memory of the running cluster: control plane, node daemons, pods")
     sub.add_parser("leftovers", help="fail if a stopped real node left a process, link, rule, mount or cgroup")
     img = sub.add_parser("images", help="build (or reuse) the real node's container images and export them")
     img.add_argument("--load", metavar="ADDRESS", help="then import them into the containerd at this socket")
@@ -44,6 +45,16 @@ def main(argv: list[str] | None = None) -> int:
             print(images.describe(images.build(force=args.force)))
             if args.load:
                 images.load(args.load)
+        elif args.cmd == "memory":
+            provider = get_provider()
+            pid_dir = getattr(provider, "cluster_dir", None)
+            cp = {}
+            if pid_dir is not None and (pid_dir / "pids").is_dir():
+                cp = {p.stem: int(p.read_text().strip()) for p in (pid_dir / "pids").glob("*.pid")}
+            usage = resident_memory(RealNode(CLUSTER_NAME), cp)
+            for name, rss in sorted(usage.items(), key=lambda kv: -kv[1]):
+                print(f"{name}\t{rss / 2**20:.0f} MiB")
+            print(f"total\t{sum(usage.values()) / 2**20:.0f} MiB")
         elif args.cmd == "leftovers":
             found = {k: v for k, v in leftovers(RealNode(CLUSTER_NAME)).items() if v}
             if found:

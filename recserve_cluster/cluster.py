@@ -146,6 +146,9 @@ class KwokProvider:
 
     def up(self) -> Cluster:
         bins = tools.provision()
+        if self.real_node and not self.node.claim():
+            _log(f"the real node is held by cluster {self.node.owner()!r}; starting {self.cluster_name!r} kwok-only")
+            self.real_node = False
         if self.real_node:
             preflight()
         existing = self.current()
@@ -255,7 +258,9 @@ class KwokProvider:
     def down(self) -> None:
         bins = tools.provision(build=False)
         # The node first: its kubelet and kube-proxy would otherwise retry against a vanished apiserver.
-        self.node.stop()
+        if self.node.owner() in (None, self.cluster_name):
+            self.node.stop()
+            self.node.release()
         if self.cluster_dir.exists():
             _log(f"deleting cluster {self.cluster_name!r}")
             self._delete(bins)

@@ -109,6 +109,36 @@ class RealNode:
         self.paths = nc.NodePaths(tools.cache_dir() / "node" / cluster_name)
         self.state = NodeState.load(self.paths.state_file)
 
+    # ----------------------------------------------------------------------------------- ownership
+    # The bridge, the addresses, the guard and the kubelet's port are machine-wide: one cluster at a time
+    # runs the real node, and a second cluster on the same machine starts kwok-only.
+    @property
+    def _owner_file(self) -> Path:
+        return self.paths.root.parent / "owner"
+
+    def owner(self) -> str | None:
+        """The cluster whose node is running on this machine (a stale claim with no live process is none)."""
+        if not self._owner_file.exists():
+            return None
+        name = self._owner_file.read_text().strip()
+        if name == self.paths.root.name:
+            return name
+        other = RealNode(name, self.net)
+        return name if any(other._alive(n) for n in other.state.pids) else None
+
+    def claim(self) -> bool:
+        """Take the machine's real node for this cluster, unless another live cluster holds it."""
+        held = self.owner()
+        if held not in (None, self.paths.root.name):
+            return False
+        self._owner_file.parent.mkdir(parents=True, exist_ok=True)
+        self._owner_file.write_text(self.paths.root.name)
+        return True
+
+    def release(self) -> None:
+        if self._owner_file.exists() and self._owner_file.read_text().strip() == self.paths.root.name:
+            self._owner_file.unlink()
+
     # ----------------------------------------------------------------------------------- host network
     def setup_network(self, apiserver_port: int) -> None:
         """Bridge with the gateway and node addresses, the Service-range route, sysctls and the guard."""
@@ -502,3 +532,33 @@ def leftovers(node: RealNode) -> dict[str, list[str]]:
 
 def _tool(name: str) -> tools.Tool:
     return next(t for t in tools.TOOLS if t.name == name)
+
+
+def _rss_bytes(pid: int) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def resident_memory(node: RealNode, control_plane_pids: dict[str, int]) -> dict[str, int]:
+    """Resident bytes per component: control-plane processes, the node's daemons, shims, and pods (by cgroup)."""
+    usage = {name: _rss_bytes(pid) for name, pid in control_plane_pids.items()}
+    usage.update({name: _rss_bytes(pid) for name, pid in node.state.pids.items()})
+    sock = str(node.paths.containerd_socket).encode()
+    shims = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if sock in (proc / "cmdline").read_bytes() and int(proc.name) not in node.state.pids.values():
+                    shims += _rss_bytes(int(proc.name))
+    usage["containerd-shims"] = shims
+    pods = CGROUP_FS / "memory" / nc.CGROUP_ROOT
+    pod_pids: set[int] = set()
+    if pods.is_dir():
+        for procs in pods.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pod_pids.update(int(x) for x in procs.read_text().split())
+    usage["pods"] = sum(_rss_bytes(p) for p in pod_pids)
+    return usage

@@ -32,6 +32,16 @@ TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
 RESTRICTED = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 
 
+@pytest.fixture(autouse=True)
+def _real_node(cluster: Cluster) -> None:
+    """These tests need containers: on the local provider they are skipped only when the user asked for the
+    kwok-only cluster (RECSERVE_REAL_NODE=0); CI runs the default, with the real node."""
+    from recserve_cluster.cluster import real_node_enabled
+
+    if cluster.provider == "kwok" and not real_node_enabled():
+        pytest.skip("RECSERVE_REAL_NODE=0: the kwok-only cluster runs no containers")
+
+
 def _placement() -> dict[str, Any]:
     return {"nodeSelector": {"kubernetes.io/hostname": NODE},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}

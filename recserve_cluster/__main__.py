@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             if found:
                 raise ClusterError(f"the real node left these behind: {found}")
         elif args.cmd == "versions":
-            for t in tools.TOOLS:
+            for t in (*tools.TOOLS, *tools.ADDON_TOOLS):
                 print(f"{t.name}\t{t.version}")
             print(f"gateway-api\t{tools.GATEWAY_API_VERSION}\nprometheus-operator-crds\t{tools.PROMETHEUS_OPERATOR_VERSION}")
     except ClusterError as exc:

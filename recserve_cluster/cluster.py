@@ -161,6 +161,8 @@ class KwokProvider:
             prepare(existing)
             if self.real_node and not self.node.running():
                 self._start_node(existing)
+            elif self.real_node:
+                self._install_addons(existing)  # idempotent: rebuilds and rewrites nothing when all is there
             return existing
         if self.cluster_dir.exists():
             # A stopped or half-created cluster: remove it so creation starts clean.
@@ -185,6 +187,13 @@ class KwokProvider:
     def _start_node(self, cluster: Cluster) -> None:
         self.node.setup_network(self._server()[1])
         self.node.start(cluster)
+        self._install_addons(cluster)
+
+    def _install_addons(self, cluster: Cluster) -> None:
+        """Prometheus Operator + Prometheus, prometheus-adapter and metrics-server, as pods on the real node."""
+        from . import addons
+
+        addons.install(cluster, str(self.node.paths.containerd_socket))
 
     def _create(self, bins: dict[str, Path], port: int) -> Cluster:
         bind = "127.0.0.1"
@@ -211,6 +220,13 @@ class KwokProvider:
                 "kube-apiserver=kubelet-preferred-address-types=InternalIP,Hostname",
                 f"kube-apiserver=kubelet-client-certificate={pki / 'admin.crt'}",
                 f"kube-apiserver=kubelet-client-key={pki / 'admin.key'}",
+                # Aggregated APIs (prometheus-adapter, metrics-server) verify the front proxy's identity and
+                # take the requesting user from its headers instead of trusting every client certificate.
+                f"kube-apiserver=requestheader-client-ca-file={pki / 'ca.crt'}",
+                "kube-apiserver=requestheader-allowed-names=kwok-admin",
+                "kube-apiserver=requestheader-username-headers=X-Remote-User",
+                "kube-apiserver=requestheader-group-headers=X-Remote-Group",
+                "kube-apiserver=requestheader-extra-headers-prefix=X-Remote-Extra-",
             ]
             options["kubeApiserverCertSANs"] = [net.api_service_ip, net.node_ip]
         config = _workdir() / f"{self.cluster_name}-kwokctl.yaml"

@@ -248,6 +248,8 @@ def kubelet_config(net: Network, paths: NodePaths, client_ca: Path) -> dict[str,
         "serializeImagePulls": False,
         "maxPods": 110,
         "nodeStatusReportFrequency": "10s",
+        # ConfigMap/Secret volumes (router config, Prometheus config) follow their objects within ~10 s, not ~60 s.
+        "syncFrequency": "10s",
         "shutdownGracePeriod": "0s",
         "localStorageCapacityIsolation": True,
     }

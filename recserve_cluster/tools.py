@@ -245,8 +245,12 @@ def resolve(tool: Tool, build: bool = True) -> Path:
 
 
 def provision(build: bool = True) -> dict[str, Path]:
-    """Resolve every tool, building the missing ones; returns name -> path."""
-    return {t.name: resolve(t, build=build) for t in TOOLS}
+    """Resolve every tool, building the missing ones; returns name -> path.
+
+    Building (`make provision`) also builds the add-ons' binaries; a lookup without building only needs TOOLS.
+    """
+    wanted = (*TOOLS, *ADDON_TOOLS) if build else TOOLS
+    return {t.name: resolve(t, build=build) for t in wanted}
 
 
 def go_module_dir(module: str, version: str) -> Path:
@@ -260,3 +264,114 @@ def go_module_dir(module: str, version: str) -> Path:
     if out.returncode != 0:
         raise ClusterError(f"cannot download {module}@{version}: {out.stdout}{out.stderr}")
     return Path(json.loads(out.stdout)["Dir"])
+
+
+# ---------------------------------------------------------------------------------- in-cluster add-ons
+# Built from their Go modules (CGO_ENABLED=0) and run on the real node by recserve_cluster.addons.
+# Prometheus Operator v0.85.0 is the only version the proxy lists; prometheus-adapter v0.12.0 and
+# metrics-server v0.8.0 are the newest releases (the adapter's version list is refused, the exact one is served).
+PROMETHEUS_ADAPTER_VERSION = "v0.12.0"
+METRICS_SERVER_VERSION = "v0.8.0"
+# The Prometheus server the operator runs: the operator's own default (last in its compatibility list, v3.5.0)
+# at its newest patch. Not Debian's 2.42 package: Debian builds it without Kubernetes service discovery
+# (`kubernetes_sd_configs` is an unknown field there), and every ServiceMonitor becomes such a scrape config.
+PROMETHEUS_VERSION = "v3.5.1"
+
+# Kept out of TOOLS: `provision(build=False)` (cluster.current, down) must not demand them; addons.install
+# resolves (and if needed builds) them itself.
+ADDON_TOOLS: tuple[Tool, ...] = (
+    Tool("prometheus-operator", PROMETHEUS_OPERATOR_VERSION, "RECSERVE_PROMETHEUS_OPERATOR"),
+    Tool("prometheus-config-reloader", PROMETHEUS_OPERATOR_VERSION, "RECSERVE_PROMETHEUS_CONFIG_RELOADER"),
+    Tool("prometheus-adapter", PROMETHEUS_ADAPTER_VERSION, "RECSERVE_PROMETHEUS_ADAPTER"),
+    Tool("metrics-server", METRICS_SERVER_VERSION, "RECSERVE_METRICS_SERVER"),
+    Tool("prometheus", PROMETHEUS_VERSION, "RECSERVE_PROMETHEUS"),
+)
+
+
+def _build_in_wrapper(
+    dest: Path, module: str, version: str, binaries: dict[str, str], *, what: str, ldflags: str = "-s -w"
+) -> None:
+    """`go build` named binaries of `module` from a throwaway wrapper module that requires it.
+
+    A wrapper (not `go install pkg@version`) because go install refuses a module with any replace
+    directive and because the binaries need names other than their package directory's. The upstream's
+    replaces of published modules are kept (they pin what upstream builds with); replaces with ./ paths
+    (sub-modules of the same repository) are dropped, so the published sub-modules it requires are used.
+    """
+    go = _go()
+    src = cache_dir() / "src" / f"{module.rsplit('/', 1)[-1]}-{version}"
+    src.mkdir(parents=True, exist_ok=True)
+    _log(f"building {what} from the Go module proxy")
+    upstream = _module_gomod(go, module, version, src)
+    go_line = re.search(r"^go\s+(\S+)", upstream, re.M)
+    go_version = go_line.group(1) if go_line else "1.24"
+    wrapper = [f"module recserve.local/{module.rsplit('/', 1)[-1]}build", "", f"go {go_version}", "",
+               f"require {module} {version}", "", *published_replaces(upstream), ""]
+    (src / "go.mod").write_text("\n".join(wrapper))
+    (src / "go.sum").touch()
+    _run_build([go, "get", *(f"{pkg}@{version}" for pkg in binaries.values())], src, f"{what} module graph")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, pkg in binaries.items():
+        _run_build([go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(dest / name), pkg], src, name)
+
+
+def published_replaces(gomod: str) -> list[str]:
+    """The `replace` lines of a go.mod whose targets are published modules (not ./ or ../ paths)."""
+    lines: list[str] = []
+    for block in re.findall(r"^replace\s*\(([^)]*)\)", gomod, re.M):
+        lines += [ln.strip() for ln in block.splitlines() if "=>" in ln]
+    lines += [m.strip() for m in re.findall(r"^replace\s+([^(\n][^\n]*=>[^\n]*)$", gomod, re.M)]
+    kept = [ln.split("//")[0].strip() for ln in lines if not ln.split("=>", 1)[1].strip().startswith(".")]
+    return [f"replace {ln}" for ln in kept]
+
+
+def prometheus_module_version(version: str) -> str:
+    """Prometheus X.Y.Z is published as the Go module version v0.(100*X+Y).Z from 3.0 on, v0.Y.Z before."""
+    major, minor, patch = (int(p) for p in version.lstrip("v").split("."))
+    return f"v0.{minor + (100 * major if major >= 3 else 0)}.{patch}"
+
+
+def _ldflags_prometheus_common(version: str) -> str:
+    pkg = "github.com/prometheus/common/version"
+    return f"-s -w -X {pkg}.Version={version.lstrip('v')} -X {pkg}.Branch=release -X {pkg}.BuildUser=recserve"
+
+
+def _build_prometheus_operator(dest: Path, version: str) -> None:
+    # Its go.mod replaces pkg/apis/monitoring and pkg/client with ./pkg/...: the wrapper takes the
+    # published sub-modules of the same version instead (the main module requires exactly those).
+    module = "github.com/prometheus-operator/prometheus-operator"
+    binaries = {"prometheus-operator": f"{module}/cmd/operator",
+                "prometheus-config-reloader": f"{module}/cmd/prometheus-config-reloader"}
+    _build_in_wrapper(dest, module, version, binaries, what=f"Prometheus Operator {version}",
+                      ldflags=_ldflags_prometheus_common(version))
+
+
+def _build_prometheus_adapter(dest: Path, version: str) -> None:
+    module = "sigs.k8s.io/prometheus-adapter"
+    _build_in_wrapper(dest, module, version, {"prometheus-adapter": f"{module}/cmd/adapter"},
+                      what=f"prometheus-adapter {version}")
+
+
+def _build_metrics_server(dest: Path, version: str) -> None:
+    module = "sigs.k8s.io/metrics-server"
+    # metrics-server reports client-go's version variables (its Makefile stamps them the same way).
+    ldflags = f"-s -w -X k8s.io/client-go/pkg/version.gitVersion={version}"
+    _build_in_wrapper(dest, module, version, {"metrics-server": f"{module}/cmd/metrics-server"},
+                      what=f"metrics-server {version}", ldflags=ldflags)
+
+
+def _build_prometheus(dest: Path, version: str) -> None:
+    # No `builtinassets` tag: the module ships no built web UI; the HTTP API, which is all anything here uses,
+    # is complete without it.
+    module = "github.com/prometheus/prometheus"
+    _build_in_wrapper(dest, module, prometheus_module_version(version), {"prometheus": f"{module}/cmd/prometheus"},
+                      what=f"Prometheus {version}", ldflags=_ldflags_prometheus_common(version))
+
+
+BUILDERS.update({
+    "prometheus-operator": ("prometheus-operator", _build_prometheus_operator),
+    "prometheus-config-reloader": ("prometheus-operator", _build_prometheus_operator),
+    "prometheus-adapter": ("prometheus-adapter", _build_prometheus_adapter),
+    "metrics-server": ("metrics-server", _build_metrics_server),
+    "prometheus": ("prometheus", _build_prometheus),
+})

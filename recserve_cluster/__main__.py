@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             print(current.kubeconfig)
         elif args.cmd == "images":
             print(images.describe(images.build(force=args.force)))
-            if args.load:
-                images.load(args.load)
+            node = RealNode(CLUSTER_NAME)
+            # Into the running node's containerd too, so its pods see the new images without a restart.
+            target = args.load or (str(node.paths.containerd_socket) if node.running() else None)
+            if target:
+                images.load(target)
         elif args.cmd == "memory":
             provider = get_provider()
             pid_dir = getattr(provider, "cluster_dir", None)

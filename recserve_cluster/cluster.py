@@ -185,8 +185,14 @@ class KwokProvider:
         return cluster
 
     def _start_node(self, cluster: Cluster) -> None:
-        self.node.setup_network(self._server()[1])
-        self.node.start(cluster)
+        try:
+            self.node.setup_network(self._server()[1])
+            self.node.start(cluster)
+        except BaseException:
+            # Nothing half-started: the node's processes, containers, links and rules go again.
+            _log(f"starting {nc.NODE_NAME} failed; stopping what was started")
+            self.node.stop()
+            raise
         self._install_addons(cluster)
 
     def _install_addons(self, cluster: Cluster) -> None:

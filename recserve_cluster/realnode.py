@@ -24,13 +24,14 @@ import yaml
 from . import nodeconfig as nc
 from . import tools
 from .errors import ClusterError
-from .waiting import wait_for
 
 if TYPE_CHECKING:
     from .cluster import Cluster
 
 FALLBACK = "Set RECSERVE_REAL_NODE=0 to run the kwok-only cluster (control plane and simulated nodes, no containers)."
 CGROUP_FS = Path("/sys/fs/cgroup")
+# The programs the node runs on the host (everything else it starts lives in its cgroups).
+NODE_BINARIES = frozenset({"containerd", "kubelet", "kube-proxy", "containerd-shim-runc-v2", "containerd-shim"})
 
 
 def _log(msg: str) -> None:
@@ -140,8 +141,13 @@ class RealNode:
             self._owner_file.unlink()
 
     # ----------------------------------------------------------------------------------- host network
+    def _reload(self) -> None:
+        """Another RealNode object (another process, or a test) may have started or stopped the node since."""
+        self.state = NodeState.load(self.paths.state_file)
+
     def setup_network(self, apiserver_port: int) -> None:
         """Bridge with the gateway and node addresses, the Service-range route, sysctls and the guard."""
+        self._reload()
         br, net = self.net.bridge, self.net
         if not Path(f"/sys/class/net/{br}").exists():
             _run("ip", "link", "add", br, "type", "bridge")
@@ -269,12 +275,19 @@ class RealNode:
         self._wait(ready, 60, "containerd to answer", "containerd")
 
     def _wait(self, check: Any, timeout: float, what: str, log: str) -> None:
-        try:
-            wait_for(check, timeout, 0.5, what)
-        except ClusterError:
-            raise
-        except TimeoutError as exc:
-            raise self._fail(str(exc), log) from None
+        """Poll `check` until true; a ClusterError from it (a component exited) ends the wait at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if check():
+                    return
+            except ClusterError:
+                raise
+            except Exception:
+                pass
+            if time.monotonic() >= deadline:
+                raise self._fail(f"timed out after {timeout}s waiting for {what}", log)
+            time.sleep(0.5)
 
     def load_images(self) -> None:
         """Import the locally built images (recserve_cluster.images) into the node's containerd."""
@@ -351,6 +364,7 @@ class RealNode:
     def start(self, cluster: Cluster) -> None:
         """containerd → images → kubelet → simulated GPUs → kube-proxy → CoreDNS, each waited for."""
         started = time.monotonic()
+        self._reload()
         self._start_containerd()
         self.load_images()
         self._start_kubelet(cluster)
@@ -361,12 +375,14 @@ class RealNode:
              f"(pods {self.net.pod_cidr}, Services {self.net.service_cidr}, logs {self.paths.logs})")
 
     def running(self) -> bool:
+        self._reload()
         return all(self._alive(n) for n in ("containerd", "kubelet", "kube-proxy"))
 
     # ----------------------------------------------------------------------------------- teardown
     def stop(self) -> None:
         """Stop every process, container, mount, link and rule this node created; restore the sysctls."""
-        if not self.paths.root.exists() and not self.state.pids:
+        self._reload()
+        if not self.paths.root.exists() and not self.state.pids and not self._our_pids():
             return
         _log(f"stopping real node {nc.NODE_NAME}")
         self._stop_process("kube-proxy")
@@ -400,13 +416,15 @@ class RealNode:
             self.ctr("containers", "delete", cid, check=False, timeout=20)
 
     def _our_pids(self) -> set[int]:
-        """Shims of our containerd (by its socket in their command line) and every process in our cgroups."""
-        sock = str(self.paths.containerd_socket).encode()
+        """Every process whose command line names the node's folder (containerd, kubelet, kube-proxy, shims)
+        and every process in the node's cgroups: found from the host, not from a state file that may be stale."""
+        sock = str(self.paths.root).encode() + b"/"
         found: set[int] = set()
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if sock in (proc / "cmdline").read_bytes():
+                with contextlib.suppress(OSError, IndexError):
+                    argv = (proc / "cmdline").read_bytes().split(b"\0")
+                    if Path(argv[0].decode()).name in NODE_BINARIES and any(sock in a for a in argv):
                         found.add(int(proc.name))
         for ctrl in self._cgroup_controllers():
             base = CGROUP_FS / ctrl / nc.CGROUP_ROOT

@@ -20,6 +20,7 @@ import yaml
 
 from recserve_cluster import nodeconfig as nc
 from recserve_cluster.cluster import Cluster
+from recserve_cluster.errors import ClusterError
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
@@ -268,7 +269,15 @@ def test_stopping_the_node_leaves_no_process_link_rule_mount_or_cgroup_and_it_re
     assert node.running()
     assert any(leftovers(node).values())  # the check sees a running node
     node.stop()
-    assert leftovers(node) == {k: [] for k in ("processes", "links", "rules", "mounts", "cgroups", "routes")}
+    nothing = {k: [] for k in ("processes", "links", "rules", "mounts", "cgroups", "routes")}
+    assert leftovers(node) == nothing
+    # A start that fails part-way (the kubelet exits at once) names the component and leaves nothing behind.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECSERVE_KUBELET", "/bin/false")
+        with pytest.raises(ClusterError, match="kubelet exited during start"):
+            provider.up()
+    assert leftovers(RealNode(provider.cluster_name)) == nothing
+    assert cluster.kubectl("get", "--raw", "/readyz").stdout == "ok"  # the control plane it did not start stays
     provider.up()  # control plane still up: only the node is started again
     assert node.running() or RealNode(provider.cluster_name).running()
     wait_for(lambda: json.loads(cluster.kubectl("get", "node", NODE, "-o", "json").stdout)["spec"]

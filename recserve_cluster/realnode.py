@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -310,12 +311,17 @@ class RealNode:
         p.resolv_conf.write_text(f"nameserver {net.dns_service_ip}\n")
         p.kubelet_config.write_text(yaml.safe_dump(nc.kubelet_config(net, p, pki / "ca.crt"), sort_keys=False))
         kubelet = str(tools.resolve(_tool("kubelet")))
+        spawned = datetime.now(UTC)
         self._spawn("kubelet", [kubelet, *nc.kubelet_args(net, p, cluster.kubeconfig)])
 
         def registered() -> bool:
+            # The Node object outlives a stopped kubelet (and stays Ready for the grace period), so only a
+            # lease renewed by this kubelet since it started proves it registered.
             if not self._alive("kubelet"):
                 raise self._fail("kubelet exited during start", "kubelet")
-            return cluster.kubectl("get", "node", nc.NODE_NAME, check=False, timeout=10).returncode == 0
+            out = cluster.kubectl("get", "lease", nc.NODE_NAME, "-n", "kube-node-lease", "-o",
+                                  "jsonpath={.spec.renewTime}", check=False, timeout=10)
+            return out.returncode == 0 and _renewed_since(out.stdout.strip(), spawned)
 
         self._wait(registered, 90, f"node {nc.NODE_NAME} to register", "kubelet")
 
@@ -326,6 +332,8 @@ class RealNode:
         cluster.kubectl("patch", "node", nc.NODE_NAME, "--subresource=status", "--type=json", "-p", json.dumps(patch))
 
         def ready() -> bool:
+            if not self._alive("kubelet"):
+                raise self._fail("kubelet exited during start", "kubelet")
             node = json.loads(cluster.kubectl("get", "node", nc.NODE_NAME, "-o", "json").stdout)
             alloc = node["status"].get("allocatable", {}).get("nvidia.com/gpu")
             conds = {c["type"]: c["status"] for c in node["status"].get("conditions", [])}
@@ -546,6 +554,17 @@ def leftovers(node: RealNode) -> dict[str, list[str]]:
         "cgroups": cgroups,
         "routes": [r for r in _run("ip", "-4", "route", "show", check=False).splitlines() if node.net.bridge in r],
     }
+
+
+def _renewed_since(renew_time: str, since: datetime) -> bool:
+    """Whether a Lease's spec.renewTime (RFC 3339, microseconds) is at or after `since`."""
+    if not renew_time:
+        return False
+    try:
+        renewed = datetime.fromisoformat(renew_time.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return renewed >= since
 
 
 def _tool(name: str) -> tools.Tool:

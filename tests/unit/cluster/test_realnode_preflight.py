@@ -50,3 +50,15 @@ def test_the_node_state_round_trips_and_ignores_unknown_keys(tmp_path: object) -
     path.write_text(path.read_text().replace('"bridge"', '"future": 1, "bridge"'))
     assert NodeState.load(path) == state
     assert NodeState.load(Path(str(tmp_path)) / "absent.json") == NodeState()
+
+
+def test_only_a_lease_renewed_since_the_kubelet_started_counts_as_registration() -> None:
+    from datetime import UTC, datetime
+
+    from recserve_cluster.realnode import _renewed_since
+
+    started = datetime(2026, 12, 1, 22, 0, 0, 500000, tzinfo=UTC)
+    assert _renewed_since("2026-12-01T22:00:01.000001Z", started)
+    assert not _renewed_since("2026-12-01T22:00:00.400000Z", started)  # the stopped kubelet's last renewal
+    assert not _renewed_since("", started)
+    assert not _renewed_since("not-a-time", started)

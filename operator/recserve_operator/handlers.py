@@ -25,6 +25,8 @@ from recserve_operator.spec import GROUP, PLURAL, VERSION
 logger = logging.getLogger("recserve.handlers")
 MODEL = (GROUP, VERSION, PLURAL)
 OWNED = {MANAGED_BY_LABEL: MANAGER}
+COMPONENT_LABEL = "app.kubernetes.io/component"
+ROUTER_SUFFIX = "-router"
 COMPONENT = "recserve-operator"
 
 # The operator process has one reconciler; Kopf's indices are attached on the first handler call.
@@ -224,6 +226,9 @@ def _owner_changed(event: kopf.RawEvent, namespace: str | None, labels: kopf.Lab
     if key is None:
         return
     model = _indices.model(*key)
+    if model is None and labels.get(COMPONENT_LABEL) == "router" and key[1].endswith(ROUTER_SUFFIX):
+        # A router pod finished rolling: the model may now drain the revisions the old plan named.
+        model = _indices.model(key[0], key[1].removesuffix(ROUTER_SUFFIX))
     if model is not None and not model["metadata"].get("deletionTimestamp"):
         try:
             _run(model)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from recserve_operator.observe import RevisionObservation
+from recserve_operator.routers.builtin import CONFIG_HASH_ANNOTATION
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,32 @@ def decide_immediate(
         weights={stable: 100, latest: 0},
         reason=f"waiting for revision {latest} to become Available",
     )
+
+
+def router_serves(desired: Mapping[str, Any] | None, live: Mapping[str, Any] | None,
+                  pods: Iterable[Mapping[str, Any]]) -> bool:  # fmt: skip
+    """Whether every router pod now routes by the desired plan, so revisions the old plan named may go.
+
+    The router rolls its pods to apply a new plan (the config hash is in the pod template). Until that
+    rollout has finished and no old pod is left, not even one draining its connections, an old pod may
+    still send a request to a revision the new plan dropped: deleting that revision then fails requests.
+    """
+    if desired is None:
+        return True  # no builtin router: nothing routes by a plan
+    if live is None:
+        return False
+
+    def template_hash(obj: Mapping[str, Any]) -> str | None:
+        tpl = (obj.get("spec") or {}).get("template") or {}
+        return ((tpl.get("metadata") or {}).get("annotations") or {}).get(CONFIG_HASH_ANNOTATION)
+
+    if template_hash(live) != template_hash(desired):
+        return False
+    meta, spec, status = live.get("metadata") or {}, live.get("spec") or {}, live.get("status") or {}
+    replicas = int(spec.get("replicas", 1))
+    if int(status.get("observedGeneration", 0)) < int(meta.get("generation", 1)):
+        return False
+    if not (int(status.get("updatedReplicas", 0)) == int(status.get("replicas", 0)) == replicas
+            and int(status.get("availableReplicas", 0)) >= replicas):  # fmt: skip
+        return False
+    return not any((p.get("metadata") or {}).get("deletionTimestamp") for p in pods)

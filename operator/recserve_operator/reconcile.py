@@ -33,7 +33,7 @@ from recserve_operator.builders.pdb import build_pdb
 from recserve_operator.builders.service import build_revision_service, build_stable_service
 from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.kube import Kube, resource_of
-from recserve_operator.lifecycle import TrafficDecision, decide_immediate
+from recserve_operator.lifecycle import TrafficDecision, decide_immediate, router_serves
 from recserve_operator.observe import RevisionObservation, observe_revision
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import InvalidSpec, RecommenderModelSpec, parse_spec, revision_of
@@ -178,7 +178,10 @@ class Reconciler:
         for obj in desired:
             if self._apply_if_changed(obj):
                 counts["applied"] += 1
-        counts["deleted"] = self._delete_outside(namespace, name, decision.keep)
+        # Revisions the decision dropped go only once the router no longer sends them anything (defect: the
+        # old revision deleted in the reconcile that moved traffic failed requests at every promotion).
+        if self._router_drained(namespace, name, progressive, decision.keep):
+            counts["deleted"] = self._delete_outside(namespace, name, decision.keep)
 
         if progressive is not None:
             for type_, reason, message in progressive.events:
@@ -270,6 +273,23 @@ class Reconciler:
         )  # fmt: skip
         telemetry.APPLIES.labels(kind=kind).inc()
         return True
+
+    def _router_drained(
+        self, namespace: str, name: str, progressive: ProgressiveDecision | None, keep: frozenset[str]
+    ) -> bool:
+        desired = next((o for o in (progressive.router_objects if progressive else ())
+                        if o.get("kind") == "Deployment"), None)  # fmt: skip
+        if desired is None:
+            return True
+        router = desired["metadata"]["name"]
+        live = next(iter(self._live("Deployment", namespace, router)), None)
+        drained = router_serves(desired, live, self.live.owned("Pod", namespace, router))
+        dropped = sorted({rev for d in self._live("Deployment", namespace, name)
+                          if (rev := (d["metadata"].get("labels") or {}).get(REVISION_LABEL)) and rev not in keep})
+        if not drained and dropped:
+            logger.info("Keeping revisions until the router serves the new plan namespace=%s name=%s revisions=%s",
+                        namespace, name, ",".join(dropped))
+        return drained
 
     def _delete_outside(self, namespace: str, name: str, keep: frozenset[str]) -> int:
         deleted = 0

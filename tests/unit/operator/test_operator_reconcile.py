@@ -61,6 +61,17 @@ class FakeKube:
         self.status = _apply_merge_patch(self.status or {}, status)
         return {}
 
+    def roll_router(self) -> None:
+        """The router Deployment's controller finished rolling its pods to the applied template."""
+        for (kind, _, name), obj in self.objects.items():
+            if kind == "Deployment" and name.endswith("-router"):
+                replicas = obj["spec"].get("replicas", 1)
+                gen = obj["metadata"].get("generation", 1)
+                obj["status"] = {"observedGeneration": gen, "replicas": replicas, "updatedReplicas": replicas,
+                                 "availableReplicas": replicas}
+                self.rv += 1
+                obj["metadata"]["resourceVersion"] = str(self.rv)
+
     def make_available(self, revision: str) -> None:
         for (kind, _, _), obj in self.objects.items():
             if kind == "Deployment" and obj["metadata"]["labels"].get(REVISION_LABEL) == revision:
@@ -267,6 +278,8 @@ def test_canary_runs_beside_stable_with_router_weights_and_promotes_after_passin
     assert prometheus.queried and set(prometheus.queried) == {new}
     assert kube.status["stable"]["revision"] == new
     assert kube.status["canary"]["phase"] == "Promoted"
+    kube.roll_router()  # the old revision goes once the router pods serve the new plan
+    rec.reconcile(model_body(changed, generation=2), lambda *e: events.append(e), now=t0 + timedelta(minutes=3.1))
     assert [k for k in kube.objects if k[0] == "Deployment" and k[2] != "ctr-dnn-router"] == [
         ("Deployment", "shop", f"ctr-dnn-{new}")
     ]
@@ -311,4 +324,6 @@ def test_a_canary_failing_analysis_is_rolled_back_removed_and_reported_degraded(
     assert conds["Degraded"] == ("True", "RolledBack")
     assert conds["Ready"][0] == "True"
     assert kube.status["phase"] == "Degraded"
+    kube.roll_router()  # the candidate goes once the router pods no longer name it
+    rec.reconcile(model_body(changed, generation=2), lambda *e: events.append(e), now=t0 + timedelta(minutes=9))
     assert not [k for k in kube.objects if k[2] == f"ctr-dnn-{new}"]

@@ -17,6 +17,7 @@ INSTANCE_KINDS = ("GPU", "CPU")
 # Model-level parameters the builder writes so that the serving options round-trip exactly through
 # config.pbtxt (Triton backends ignore parameters they do not know).
 PARAM_PRECISION = "recserve_precision"
+# Read only: templates from older operators asked for warmup with this parameter instead of model_warmup entries.
 PARAM_WARMUP_BATCH = "recserve_warmup_batch_size"
 
 MODEL_FILENAMES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}
@@ -68,7 +69,7 @@ class ServingOptions:
     gpus: tuple[int, ...] = ()
     tensorrt_accelerator: bool = False
     version_policy_latest: int = 1
-    warmup_batch_size: int = 0  # 0 = no warmup
+    warmup_batch_size: int = 0  # the largest warmup batch (a batch of 1 is warmed up too); 0 = no warmup
     # ONNX Runtime graph optimization level (None = backend default, -1 = disabled, 1 = extended).
     graph_optimization_level: int | None = None
 
@@ -218,8 +219,10 @@ def build_model_config(name: str, options: ServingOptions, signature: ModelSigna
     cfg.parameters[PARAM_PRECISION].string_value = options.precision
     if options.warmup_batch_size:
         if signature is None:
-            # Warmup needs the inputs; keep the request so the builder can expand it once the signature is known.
-            cfg.parameters[PARAM_WARMUP_BATCH].string_value = str(options.warmup_batch_size)
+            # Warmup needs the inputs: the entries name their batch sizes now, and the builder fills in the inputs
+            # (merge_signature) once the converted model's signature is known.
+            for size in warmup_batch_sizes(options.warmup_batch_size):
+                cfg.model_warmup.add(name=f"warmup_batch_{size}", batch_size=size, count=1)
         else:
             add_warmup(cfg, signature, options.warmup_batch_size)
     return cfg
@@ -236,21 +239,40 @@ def _set_signature(cfg: mc.ModelConfig, signature: ModelSignature) -> None:
         cfg.output.add(name=spec.name, data_type=triton_dtype(spec.dtype), dims=_dims(spec.shape))
 
 
+def warmup_batch_sizes(batch_size: int) -> tuple[int, ...]:
+    """The warmup batches for a largest size: one sample (the latency path) and the full batch (the memory peak)."""
+    return tuple(sorted({1, batch_size})) if batch_size > 0 else ()
+
+
+def warmup_batch_size_of(cfg: mc.ModelConfig) -> int:
+    """The largest warmup batch `cfg` asks for (0 = none); reads the parameter older operators wrote, too."""
+    if PARAM_WARMUP_BATCH in cfg.parameters:
+        return int(cfg.parameters[PARAM_WARMUP_BATCH].string_value)
+    return max((w.batch_size for w in cfg.model_warmup), default=0)
+
+
 def add_warmup(
     cfg: mc.ModelConfig, signature: ModelSignature, batch_size: int, data_files: dict[str, str] | None = None
 ) -> None:
-    """Add a warmup sample: inputs from files under `<model>/warmup/` when given, else random data."""
+    """Warm up with batches of 1 and `batch_size`: inputs from files under `<model>/warmup/` when given, else zeros.
+
+    Triton runs these requests before it reports the model ready, so the first real request does not pay for
+    lazy allocations or engine tuning. Zeros rather than random data: random bytes in an id input index outside
+    the embedding tables, and a failing warmup fails the model load.
+    """
     del cfg.model_warmup[:]
-    warm = cfg.model_warmup.add(name=f"warmup_batch_{batch_size}", batch_size=batch_size, count=1)
-    for spec in signature.inputs:
-        entry = warm.inputs[spec.name]
-        entry.data_type = triton_dtype(spec.dtype)
-        # Dynamic non-batch dims need a concrete size for warmup; 1 is always valid.
-        entry.dims.extend([d if d >= 0 else 1 for d in spec.shape])
-        if data_files and spec.name in data_files:
-            entry.input_data_file = data_files[spec.name]
-        else:
-            entry.random_data = True
+    for size in warmup_batch_sizes(batch_size):
+        # Triton repeats each input `batch_size` times, so the inputs describe one sample.
+        warm = cfg.model_warmup.add(name=f"warmup_batch_{size}", batch_size=size, count=1)
+        for spec in signature.inputs:
+            entry = warm.inputs[spec.name]
+            entry.data_type = triton_dtype(spec.dtype)
+            # Dynamic non-batch dims need a concrete size for warmup; 1 is always valid.
+            entry.dims.extend([d if d >= 0 else 1 for d in spec.shape])
+            if data_files and spec.name in data_files:
+                entry.input_data_file = data_files[spec.name]
+            else:
+                entry.zero_data = True
     if PARAM_WARMUP_BATCH in cfg.parameters:
         del cfg.parameters[PARAM_WARMUP_BATCH]
 
@@ -273,11 +295,7 @@ def merge_signature(
     cfg.CopyFrom(template)
     cfg.name = name
     _set_signature(cfg, signature)
-    warm_batch = 0
-    if PARAM_WARMUP_BATCH in cfg.parameters:
-        warm_batch = int(cfg.parameters[PARAM_WARMUP_BATCH].string_value)
-    elif cfg.model_warmup:
-        warm_batch = cfg.model_warmup[0].batch_size
+    warm_batch = warmup_batch_size_of(cfg)
     if warm_batch:
         add_warmup(cfg, signature, warm_batch, warmup_files)
     return cfg
@@ -305,10 +323,7 @@ def options_from_config(cfg: mc.ModelConfig) -> ServingOptions:
         g = cfg.instance_group[0]
         kind = "CPU" if g.kind == mc.ModelInstanceGroup.KIND_CPU else "GPU"
         count, gpus = max(g.count, 1), tuple(g.gpus)
-    if PARAM_WARMUP_BATCH in cfg.parameters:
-        warmup = int(cfg.parameters[PARAM_WARMUP_BATCH].string_value)
-    else:
-        warmup = cfg.model_warmup[0].batch_size if cfg.model_warmup else 0
+    warmup = warmup_batch_size_of(cfg)
     latest = cfg.version_policy.latest.num_versions if cfg.version_policy.HasField("latest") else 1
     return ServingOptions(
         backend=backend,

@@ -15,6 +15,8 @@ from model_repo_builder.errors import BadInputError, MissingRuntimeError, UsageE
 from model_repo_builder.progress import progress_bar
 
 DEFAULT_PVC_ROOT = "/mnt/pvc"
+# Where pvc://<claim>/<path> sources are mounted (one directory per claim); the operator sets it in the pod.
+PVC_ROOT_ENV = "RECSERVE_PVC_ROOT"
 DEFAULT_MAX_BYTES = 4 << 30  # refuse downloads above 4 GiB unless raised: ranking models are far smaller
 _CHUNK = 1 << 20
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -56,7 +58,7 @@ def resolve_pvc(uri: str, pvc_root: str | None = None) -> Path:
         raise UsageError(f"bad PVC URI {uri!r}", "use pvc://<claim>/<path inside the volume>")
     if ".." in Path(rel).parts or claim == "..":
         raise UsageError(f"PVC URI {uri!r} escapes its volume", "remove '..' from the path")
-    root = Path(pvc_root or os.environ.get("RECSERVE_PVC_ROOT", DEFAULT_PVC_ROOT))
+    root = Path(pvc_root or os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
     return root / claim / rel
 
 

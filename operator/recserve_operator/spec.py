@@ -20,6 +20,7 @@ __all__ = [
     "Calibration",
     "DynamicBatchingSpec",
     "InvalidSpec",
+    "ModelCredentials",
     "ModelRef",
     "Optimize",
     "RecommenderModelSpec",
@@ -27,6 +28,7 @@ __all__ = [
     "RolloutSpec",
     "Serving",
     "parse_spec",
+    "pvc_claim",
     "revision_of",
 ]
 
@@ -42,6 +44,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 STRATEGIES = ("immediate", "canary", "abTest")
 ACTIONS = ("", "pause", "resume", "promote", "abort")
 _URI_RE = re.compile(r"^(pvc|https?|s3|gs|file)://.+")
+# A PersistentVolumeClaim or Secret name: a DNS-1123 subdomain.
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_PVC_URI_RE = re.compile(r"^pvc://(?P<claim>[^/]+)/(?P<path>.+)$")
+_ENDPOINT_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 _SHA_RE = re.compile(r"^[a-f0-9]{64}$")
 _CPU_RE = re.compile(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$")
 _MEM_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
@@ -55,11 +61,23 @@ class InvalidSpec(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelCredentials:
+    """How the builder init container authenticates to the model store (never part of the revision)."""
+
+    secret_name: str | None = None  # its keys become the init container's environment (AWS_ACCESS_KEY_ID ...)
+    service_account_name: str | None = None  # workload identity (IRSA, EKS Pod Identity)
+
+
+@dataclass(frozen=True)
 class ModelRef:
     uri: str
     format: str
     version: int
     sha256: str | None = None
+    # Added after v0.1: left out of the revision hash while unset, so existing models keep their revision.
+    endpoint: str | None = field(default=None, metadata={"revision": "unless-default"})
+    # Rotating a key or changing identity fetches the same model: the pods roll, the revision stays.
+    credentials: ModelCredentials | None = field(default=None, metadata={"revision": False})
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,9 @@ class Serving:
     triton_image: str | None = None
     builder_image: str | None = None
     build_cache_claim: str | None = None
+    # Triton warms the model up (batch 1 and maxBatchSize) before it reports ready; added after v0.1, so the
+    # default stays out of the revision hash.
+    warmup: bool = field(default=True, metadata={"revision": "unless-default"})
 
 
 @dataclass(frozen=True)
@@ -187,18 +208,63 @@ def _enum(m: Mapping[str, Any], key: str, path: str, default: str, allowed: tupl
     return str(value)
 
 
-def _parse_model(m: Mapping[str, Any]) -> ModelRef:
-    uri = _str(m, "uri", "spec.model")
+def pvc_claim(uri: str) -> str | None:
+    """The PersistentVolumeClaim a pvc://<claim>/<path> URI names, or None for other schemes."""
+    match = _PVC_URI_RE.match(uri)
+    return match.group("claim") if match else None
+
+
+def _check_uri(uri: str, path: str) -> str:
     if not _URI_RE.match(uri):
-        raise InvalidSpec("spec.model.uri must start with pvc://, http://, https://, s3://, gs:// or file://")
+        raise InvalidSpec(f"{path} must start with pvc://, http://, https://, s3://, gs:// or file://")
+    if uri.startswith("pvc://"):
+        match = _PVC_URI_RE.match(uri)
+        claim = match.group("claim") if match else ""
+        rel = match.group("path").split("/") if match else []
+        if not match or len(claim) > 253 or not _DNS_SUBDOMAIN_RE.match(claim) or ".." in rel or not rel[0]:
+            raise InvalidSpec(
+                f"{path} pvc:// URIs must be pvc://<claim>/<path>: the claim a PersistentVolumeClaim name in the "
+                f"model's namespace (lowercase DNS subdomain), the path inside the volume without '..', got {uri!r}"
+            )
+    return uri
+
+
+def _opt_name(m: Mapping[str, Any], key: str, path: str) -> str | None:
+    name = _opt_str(m, key, path)
+    if name is not None and (len(name) > 253 or not _DNS_SUBDOMAIN_RE.match(name)):
+        raise InvalidSpec(f"{path}.{key} must be a Kubernetes object name (lowercase DNS subdomain), got {name!r}")
+    return name
+
+
+def _parse_credentials(value: object) -> ModelCredentials | None:
+    p = "spec.model.credentials"
+    if value is None:
+        return None
+    c = _obj(value, p)
+    secret = _opt_name(_obj(c.get("secretRef"), f"{p}.secretRef"), "name", f"{p}.secretRef")
+    if c.get("secretRef") is not None and secret is None:
+        raise InvalidSpec(f"{p}.secretRef.name is required")
+    account = _opt_name(c, "serviceAccountName", p)
+    if secret is None and account is None:
+        raise InvalidSpec(f"{p} needs secretRef.name or serviceAccountName")
+    return ModelCredentials(secret_name=secret, service_account_name=account)
+
+
+def _parse_model(m: Mapping[str, Any]) -> ModelRef:
+    uri = _check_uri(_str(m, "uri", "spec.model"), "spec.model.uri")
     sha = _opt_str(m, "sha256", "spec.model")
     if sha is not None and not _SHA_RE.match(sha):
         raise InvalidSpec("spec.model.sha256 must be 64 lowercase hex digits")
+    endpoint = _opt_str(m, "endpoint", "spec.model")
+    if endpoint is not None and not _ENDPOINT_RE.match(endpoint):
+        raise InvalidSpec(f"spec.model.endpoint must be an http:// or https:// URL, got {endpoint!r}")
     return ModelRef(
         uri=uri,
         format=_enum(m, "format", "spec.model", "", FORMATS),
         version=_int(m, "version", "spec.model", None, 1),
         sha256=sha,
+        endpoint=endpoint,
+        credentials=_parse_credentials(m.get("credentials")),
     )
 
 
@@ -209,7 +275,7 @@ def _parse_optimize(m: Mapping[str, Any]) -> Optimize:
     if cal is not None:
         c = _obj(cal, "spec.optimize.calibration")
         calibration = Calibration(
-            uri=_str(c, "uri", "spec.optimize.calibration"),
+            uri=_check_uri(_str(c, "uri", "spec.optimize.calibration"), "spec.optimize.calibration.uri"),
             samples=_int(c, "samples", "spec.optimize.calibration", 512, 1),
         )
     max_err = parity.get("maxAbsError", 1e-4)
@@ -290,6 +356,9 @@ def _parse_serving(m: Mapping[str, Any]) -> Serving:
         if image is not None and not _IMAGE_RE.match(image):
             raise InvalidSpec(f"{p}.{key} is not a valid image reference: {image!r}")
         images[key] = image
+    warmup = m.get("warmup", True)
+    if not isinstance(warmup, bool):
+        raise InvalidSpec(f"{p}.warmup must be a boolean, got {warmup!r}")
     cache = m.get("buildCache")
     claim = _str(_obj(cache, f"{p}.buildCache"), "claimName", f"{p}.buildCache") if cache is not None else None
     return Serving(
@@ -304,6 +373,7 @@ def _parse_serving(m: Mapping[str, Any]) -> Serving:
         triton_image=images["tritonImage"],
         builder_image=images["builderImage"],
         build_cache_claim=claim,
+        warmup=warmup,
     )
 
 
@@ -342,12 +412,17 @@ def parse_spec(spec: Mapping[str, Any]) -> RecommenderModelSpec:
     return parsed
 
 
+def _in_revision(obj: object, f: dataclasses.Field[Any]) -> bool:
+    mode = f.metadata.get("revision", True)
+    if mode == "unless-default":
+        return bool(getattr(obj, f.name) != f.default)
+    return bool(f.compare and mode)
+
+
 def _canonical(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
-            f.name: _canonical(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if f.compare and f.metadata.get("revision", True)
+            f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value) if _in_revision(value, f)
         }
     if isinstance(value, tuple | list):
         return [_canonical(v) for v in value]

@@ -164,7 +164,7 @@ def test_config_template_from_operator_is_kept(ctr_keras: Path, tmp_path: Path,
     cfg = C.parse_pbtxt((tmp_path / "repo" / "ranker" / "config.pbtxt").read_text())
     got = C.options_from_config(cfg)
     assert got == opts
-    assert [i.name for i in cfg.input] == ["features"] and cfg.model_warmup[0].batch_size == 2
+    assert [i.name for i in cfg.input] == ["features"] and [w.batch_size for w in cfg.model_warmup] == [1, 2]
     assert (tmp_path / "repo" / "ranker" / "1" / "model.py").exists()
     r = run_cli(capsys, "build", "--source", ctr_keras, "--repo", tmp_path / "repo2", "--config-template", template,
                 "--max-batch-size", "8")

@@ -48,9 +48,10 @@ def test_full_config_fields_and_pbtxt_round_trip() -> None:
     g = cfg.instance_group[0]
     assert g.kind == mc.ModelInstanceGroup.KIND_GPU and g.count == 2 and list(g.gpus) == [0, 1]
     assert cfg.version_policy.latest.num_versions == 2
-    warm = cfg.model_warmup[0]
-    assert warm.batch_size == 8 and set(warm.inputs) == {"user", "item_ids"}
-    assert list(warm.inputs["item_ids"].dims) == [1] and warm.inputs["user"].random_data
+    assert [(w.name, w.batch_size) for w in cfg.model_warmup] == [("warmup_batch_1", 1), ("warmup_batch_8", 8)]
+    warm = cfg.model_warmup[1]
+    assert set(warm.inputs) == {"user", "item_ids"}
+    assert list(warm.inputs["item_ids"].dims) == [1] and warm.inputs["item_ids"].zero_data
 
     text = C.to_pbtxt(cfg)
     parsed = C.parse_pbtxt(text)
@@ -79,15 +80,47 @@ def test_fp32_accelerator_and_tensorrt_backend() -> None:
 def test_without_signature_leaves_io_to_autocomplete_and_keeps_warmup_request() -> None:
     opts = gpu_opts(warmup_batch_size=4, dynamic_batching=None)
     cfg = C.build_model_config("m", opts, None)
-    assert not cfg.input and not cfg.output and not cfg.model_warmup
+    assert not cfg.input and not cfg.output
+    # The template names the warmup batches; their inputs wait for the signature.
+    assert [(w.batch_size, len(w.inputs)) for w in cfg.model_warmup] == [(1, 0), (4, 0)]
     assert not cfg.HasField("dynamic_batching")
     assert C.options_from_config(C.parse_pbtxt(C.to_pbtxt(cfg))) == opts
     merged = C.merge_signature(cfg, "m2", SIG, {"user": "user"})
     assert merged.name == "m2" and C.signature_from_config(merged) == SIG
-    assert merged.model_warmup[0].batch_size == 4
-    assert merged.model_warmup[0].inputs["user"].input_data_file == "user"
+    assert [w.batch_size for w in merged.model_warmup] == [1, 4]
+    assert all(w.inputs["user"].input_data_file == "user" for w in merged.model_warmup)
+    assert all(w.inputs["item_ids"].zero_data for w in merged.model_warmup)
     assert C.PARAM_WARMUP_BATCH not in merged.parameters
     assert list(merged.instance_group[0].gpus) == [0, 1]  # operator's placement kept
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (C.ServingOptions(max_batch_size=256, warmup_batch_size=256, instance_kind="CPU"), [1, 256]),
+        (C.ServingOptions(max_batch_size=1, warmup_batch_size=1, instance_kind="CPU"), [1]),
+        (C.ServingOptions(max_batch_size=64, warmup_batch_size=0, instance_kind="CPU"), []),
+    ],
+    ids=[
+        "a template asking for the max batch warms up a single sample and the full batch",
+        "a max batch of one warms up once",
+        "a template without warmup gets none",
+    ],
+)
+def test_merged_config_warms_up_batch_one_and_the_largest_batch(
+    template: C.ServingOptions, expected: list[int]
+) -> None:
+    merged = C.merge_signature(C.build_model_config("m", template, None), "m", SIG)
+    assert [w.batch_size for w in merged.model_warmup] == expected
+    assert all(i.zero_data for w in merged.model_warmup for i in w.inputs.values())
+
+
+def test_templates_from_older_operators_still_ask_for_warmup_by_parameter() -> None:
+    old = C.build_model_config("m", C.ServingOptions(max_batch_size=32, instance_kind="CPU"), None)
+    old.parameters[C.PARAM_WARMUP_BATCH].string_value = "32"
+    merged = C.merge_signature(old, "m", SIG)
+    assert [w.batch_size for w in merged.model_warmup] == [1, 32]
+    assert C.PARAM_WARMUP_BATCH not in merged.parameters
 
 
 @pytest.mark.parametrize(

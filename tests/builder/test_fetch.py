@@ -113,6 +113,18 @@ def test_gs_uses_the_s3_compatible_api_at_the_configured_endpoint(
     assert got.path.read_bytes() == payload
 
 
+def test_s3_takes_its_endpoint_from_the_environment_a_credentials_secret_sets(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator puts a RecommenderModel's credentials Secret into the builder's environment (envFrom): keys and,
+    # optionally, AWS_ENDPOINT_URL, with no --s3-endpoint argument.
+    payload = b"minio-model" * 1000
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="env/3/model.keras", Body=payload)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    got = F.fetch(f"s3://{s3_server.bucket}/env/3/model.keras", tmp_path, sha256=hashlib.sha256(payload).hexdigest())
+    assert got.path.read_bytes() == payload
+
+
 def test_http_retries_transient_errors(tmp_path: Path) -> None:
     import http.server
     import threading

@@ -123,3 +123,74 @@ def test_profile_writes_choice_table_and_plot(python_repo: Path, tmp_path: Path)
     assert (out / "throughput_vs_p99.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "results.csv").read_text().splitlines()) == 5
     assert json.loads((out / "results.json").read_text())["chosen"] == result["chosen"]["label"]
+
+
+_RECORDING_MODEL = '''
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        self.log = params["recserve_test_log"]["string_value"]
+
+    def execute(self, requests):
+        # One line per execution: the rows it scored (Triton hands a warmup batch over as one execution of
+        # batch_size one-row requests) and the sum of their absolute values.
+        xs = [pb_utils.get_input_tensor_by_name(r, "x").as_numpy() for r in requests]
+        with open(self.log, "a") as f:
+            f.write(f"{sum(x.shape[0] for x in xs)} {float(sum(np.abs(x).sum() for x in xs))}\\n")
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", x.sum(axis=1, keepdims=True))]) for x in xs]
+'''
+
+
+def _summary_series(metrics: str, model: str) -> dict[str, float]:
+    prefix = "nv_inference_request_summary_us"
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith(prefix) and f'model="{model}"' in line:
+            name, value = line.rsplit(" ", 1)
+            quantile = name.split('quantile="')[1].split('"')[0] if "quantile=" in name else None
+            key = f"quantile={quantile}" if quantile else name.split("{")[0].removeprefix(prefix) or "value"
+            out[key] = float(value)
+    return out
+
+
+def test_triton_warms_the_model_up_before_ready_and_exports_latency_summaries(tmp_path: Path) -> None:
+    # What the operator's pod runs: its Triton flags, and a config whose model_warmup the builder merged from the
+    # operator's template. The CPU stand-in image runs this same binary (images/triton), so this is its behaviour.
+    from recserve_operator.builders.common import Ids
+    from recserve_operator.builders.deployment import triton_args
+
+    repo, log = tmp_path / "repo", tmp_path / "executions.log"
+    (repo / "rec" / "1").mkdir(parents=True)
+    (repo / "rec" / "1" / "model.py").write_text(_RECORDING_MODEL)
+    sig = C.ModelSignature(inputs=(C.TensorSpec("x", "float32", (4,)),), outputs=(C.TensorSpec("y", "float32", (1,)),))
+    options = C.ServingOptions(backend="python", instance_kind="CPU", max_batch_size=8, warmup_batch_size=8)
+    cfg = C.merge_signature(C.build_model_config("rec", options, None), "rec", sig)
+    cfg.parameters["recserve_test_log"].string_value = str(log)
+    (repo / "rec" / "config.pbtxt").write_text(C.to_pbtxt(cfg))
+    flags = [a for a in triton_args(Ids("rec", "shop", "u", "r")) if a.startswith("--metrics-config=")]
+    assert flags, "the operator turns the summaries on"
+
+    with TritonServer(repo, extra_args=flags, ready_timeout_s=90) as server:
+        # Ready means warmed up: both warmup batches (zeros) ran before any client request.
+        assert server.model_ready("rec")
+        assert log.read_text().splitlines() == ["1 0.0", "8 0.0"]
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            for _ in range(5):
+                inp = httpclient.InferInput("x", [2, 4], "FP32")
+                inp.set_data_from_numpy(np.ones((2, 4), dtype=np.float32))
+                client.infer("rec", [inp])
+        finally:
+            client.close()
+        import urllib.request
+
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+            series = _summary_series(resp.read().decode(), "rec")
+    assert {"quantile=0.5", "quantile=0.9", "quantile=0.99"} <= set(series), series
+    # This Triton counts the nine warmup requests in the summary too; the five client requests are in it either way.
+    assert series["_count"] >= 5 and series["_sum"] > 0

@@ -30,6 +30,8 @@ def serving_options(spec: RecommenderModelSpec) -> ServingOptions:
         dynamic_batching=db,
         instance_kind=s.instance_kind,
         instance_count=s.instance_count,
+        # Warm up a single sample and a full batch, so the first requests after "ready" pay no lazy setup.
+        warmup_batch_size=s.max_batch_size if s.warmup else 0,
     )
 
 
@@ -55,6 +57,7 @@ def build_spec(spec: RecommenderModelSpec, model_name: str) -> dict[str, Any]:
         "parity": {"maxAbsError": o.parity_max_abs_error, "samples": o.parity_samples},
         "calibration": None if o.calibration is None else {"uri": o.calibration.uri, "samples": o.calibration.samples},
         "gpuProduct": spec.serving.gpu_product,
+        "warmup": spec.serving.warmup,
     }
 
 

@@ -19,17 +19,25 @@ from recserve_operator.builders.common import (
 )
 from recserve_operator.builders.configmap import CONFIG_KEY, build_configmap, config_checksum
 from recserve_operator.settings import OperatorDefaults
-from recserve_operator.spec import RecommenderModelSpec
+from recserve_operator.spec import RecommenderModelSpec, pvc_claim
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MODELS_DIR = "/models"
 CONFIG_DIR = "/config"
 CACHE_DIR = "/cache"
+# pvc:// sources: each claim is mounted read-only at SOURCES_DIR/<claim>, where the builder resolves the URI.
+SOURCES_DIR = "/sources"
+# The builder image's entry point (Dockerfile `builder` stage ENTRYPOINT): the package runs as a module from
+# PYTHONPATH=/opt/app, so no console script has to be installed for it.
+BUILDER_COMMAND = ("python", "-m", "model_repo_builder")
+# model_repo_builder.fetch.PVC_ROOT_ENV (a test ties them): fetch imports boto3, which the operator image lacks.
+PVC_ROOT_ENV = "RECSERVE_PVC_ROOT"
 # Triton's image runs as triton-server (uid 1000); a numeric uid lets runAsNonRoot be verified.
 TRITON_UID = 1000
 BUILDER_CONTAINER = "model-repo-builder"
 TRITON_CONTAINER = "triton"
+PRESTOP_SLEEP_S = 5
 
 
 def _fmt(value: float) -> str:
@@ -60,7 +68,44 @@ def builder_args(spec: RecommenderModelSpec, ids: Ids) -> list[str]:
     ]  # fmt: skip
     if o.calibration is not None:
         args += ["--calibration", o.calibration.uri, "--calibration-samples", str(o.calibration.samples)]
+    if m.endpoint:
+        # An endpoint is an address, not a secret; keys only ever arrive through the Secret's environment.
+        args += ["--s3-endpoint", m.endpoint]
     return [*args, "--json"]
+
+
+def triton_args(ids: Ids) -> list[str]:
+    # Explicit mode loads exactly the model the init container verified and never polls the filesystem.
+    return [
+        f"--model-repository={MODELS_DIR}",
+        "--model-control-mode=explicit",
+        f"--load-model={ids.name}",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--http-port={HTTP_PORT}",
+        f"--grpc-port={GRPC_PORT}",
+        f"--metrics-port={METRICS_PORT}",
+        # Latency summaries (nv_inference_request_summary_us{quantile=...}) give the rollout analysis a real p99;
+        # without them only cumulative counters exist and p99 degrades to a mean.
+        "--metrics-config=summary_latencies=true",
+        "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01,0.99:0.001",
+    ]
+
+
+def source_claims(spec: RecommenderModelSpec) -> list[str]:
+    """The PersistentVolumeClaims the model and calibration URIs read from, each once, in a stable order."""
+    uris = [spec.model.uri] + ([spec.optimize.calibration.uri] if spec.optimize.calibration else [])
+    return sorted({c for c in map(pvc_claim, uris) if c})
+
+
+def _source_volumes(spec: RecommenderModelSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, builder mounts) for pvc:// sources; volume names are indexed, since claim names can be too long."""
+    volumes, mounts = [], []
+    for i, claim in enumerate(source_claims(spec)):
+        name = f"source-{i}"
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": name, "mountPath": f"{SOURCES_DIR}/{claim}", "readOnly": True})
+    return volumes, mounts
 
 
 def _resources(spec: RecommenderModelSpec) -> dict[str, Any]:
@@ -117,6 +162,11 @@ def build_deployment(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDef
         # Triton's shared-memory pools live in /dev/shm; the default 64 MiB is too small for large batches.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
     ]
+    source_volumes, source_mounts = _source_volumes(spec)
+    if source_mounts:
+        volumes += source_volumes
+        builder_mounts += source_mounts
+        builder_env.append({"name": PVC_ROOT_ENV, "value": SOURCES_DIR})
     if s.build_cache_claim:
         volumes.append({"name": "build-cache", "persistentVolumeClaim": {"claimName": s.build_cache_claim}})
         builder_mounts.append({"name": "build-cache", "mountPath": CACHE_DIR})
@@ -128,7 +178,7 @@ def build_deployment(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDef
         "name": BUILDER_CONTAINER,
         "image": builder_image,
         "imagePullPolicy": defaults.image_pull_policy,
-        "command": ["model-repo-builder"],
+        "command": list(BUILDER_COMMAND),
         "args": builder_args(spec, ids),
         "resources": resources,
         "securityContext": _container_security(),
@@ -136,6 +186,12 @@ def build_deployment(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDef
         # A failed build's last log lines (the JSON report) become the termination message the operator reports.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    credentials = spec.model.credentials
+    if credentials is not None and credentials.secret_name:
+        # Only the builder fetches, so only it sees the keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional
+        # AWS_SESSION_TOKEN / AWS_ENDPOINT_URL / AWS_DEFAULT_REGION); `env` below wins over a Secret key of the same
+        # name, so the Secret cannot move HOME or the PVC root.
+        init_container["envFrom"] = [{"secretRef": {"name": credentials.secret_name}}]
     init_container["env"] = builder_env
 
     triton: dict[str, Any] = {
@@ -143,17 +199,7 @@ def build_deployment(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDef
         "image": triton_image,
         "imagePullPolicy": defaults.image_pull_policy,
         "command": ["tritonserver"],
-        # Explicit mode loads exactly the model the init container verified and never polls the filesystem.
-        "args": [
-            f"--model-repository={MODELS_DIR}",
-            "--model-control-mode=explicit",
-            f"--load-model={ids.name}",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
-            f"--http-port={HTTP_PORT}",
-            f"--grpc-port={GRPC_PORT}",
-            f"--metrics-port={METRICS_PORT}",
-        ],
+        "args": triton_args(ids),
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
@@ -162,16 +208,22 @@ def build_deployment(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDef
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": resources,
         "securityContext": _container_security(),
-        # Loading a large engine takes minutes; the startup probe holds liveness off until the model is ready.
+        # Loading a large engine (and its warmup: Triton reports ready only after the config's model_warmup
+        # requests ran) takes minutes; the startup probe holds liveness off until the model is ready.
         "startupProbe": _probe(model_ready, 10, 60),
         "readinessProbe": _probe(model_ready, 5, 3),
         "livenessProbe": _probe("/v2/health/live", 10, 3),
+        # A revision leaving the Service (promotion, rollback, scale-down) keeps serving until every
+        # kube-proxy and router has dropped its endpoint; Triton then finishes in-flight requests on SIGTERM.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
         "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
+    account = credentials.service_account_name if credentials is not None else None
     pod_spec: dict[str, Any] = {
-        "automountServiceAccountToken": False,
+        # Workload identity (a projected token the cloud SDK exchanges) needs the token; otherwise keep it out.
+        "automountServiceAccountToken": account is not None,
         # Namespaces with many revisions would otherwise inject thousands of env vars.
         "enableServiceLinks": False,
         "securityContext": {
@@ -186,6 +238,8 @@ def build_deployment(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDef
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
     }
+    if account is not None:
+        pod_spec["serviceAccountName"] = account
     if s.resources.gpu:
         pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
         if s.gpu_product:

@@ -432,3 +432,52 @@ def test_the_cpu_fallback_mirrors_the_repository_and_rewrites_only_gpu_models(tm
     assert (mirror / "gpu" / "1").resolve() == repo / "gpu" / "1"
     assert "KIND_GPU" not in (mirror / "gpu" / "config.pbtxt").read_text()
     assert "KIND_GPU" in (repo / "gpu" / "config.pbtxt").read_text()
+
+
+def test_the_cpu_fallback_hands_the_operators_triton_arguments_through_unchanged(tmp_path: Path) -> None:
+    # The stand-in runs the real Triton binary, which implements the latency summaries and model_warmup itself;
+    # the wrapper must only swap the repository, never drop or reorder the operator's flags.
+    from recserve_operator.builders.common import Ids
+    from recserve_operator.builders.deployment import triton_args
+
+    repo = tmp_path / "models"
+    (repo / "ctr" / "1").mkdir(parents=True)
+    (repo / "ctr" / "config.pbtxt").write_text(GPU_CONFIG)
+    operator_args = triton_args(Ids(name="ctr", namespace="shop", uid="u", revision="r"))
+    given = [a.replace("=/models", f"={repo}") for a in operator_args]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    args, _ = _wrapper().rewrite_args(given, scratch)  # type: ignore[attr-defined]
+    assert args[0].startswith("--model-repository=") and args[1:] == operator_args[1:]
+    assert "--metrics-config=summary_latencies=true" in args
+
+
+def _stage_lines(dockerfile: str, stage: str) -> list[str]:
+    """The instructions of one named Dockerfile stage (continuations joined)."""
+    lines, current = [], None
+    for line in images._logical_lines(dockerfile):
+        words = line.split()
+        if words[0].upper() == "FROM":
+            current = words[-1].lower() if len(words) >= 3 and words[-2].upper() == "AS" else None
+        elif current == stage:
+            lines.append(line)
+    return lines
+
+
+def test_the_operator_runs_the_builder_image_by_its_own_entry_point() -> None:
+    # The init container's command replaces the image's ENTRYPOINT, so it must name something the image has:
+    # the builder stage's ENTRYPOINT, whose `python` is the venv on PATH and whose package is on PYTHONPATH.
+    from recserve_operator.builders.deployment import BUILDER_COMMAND
+
+    builder = next(i for i in images.recserve_images() if i.name == "model-repo-builder")
+    assert isinstance(builder.recipe, images.Containerfile)
+    assert builder.recipe.file == ROOT / "Dockerfile" and builder.recipe.target == "builder"
+    stage = _stage_lines((ROOT / "Dockerfile").read_text(), "builder")
+    entrypoints = [json.loads(line.split(" ", 1)[1]) for line in stage if line.upper().startswith("ENTRYPOINT")]
+    assert entrypoints == [list(BUILDER_COMMAND)]
+    env = " ".join(line for line in stage if line.upper().startswith("ENV"))
+    assert "PATH=/opt/venv/bin:" in env and "PYTHONPATH=/opt/app" in env
+    assert BUILDER_COMMAND[1:] == ("-m", "model_repo_builder")
+    assert (ROOT / "model_repo_builder" / "__main__.py").is_file()
+    deps = _stage_lines((ROOT / "Dockerfile").read_text(), "builder-deps")
+    assert "COPY model_repo_builder /opt/app/model_repo_builder" in deps

@@ -125,3 +125,73 @@ def test_auto_backend_picks_tensorrt_on_gpu_and_onnxruntime_on_cpu() -> None:
         minimal_spec(optimize={"backend": "auto"}, serving={"instances": {"kind": "CPU"}, "resources": {"gpu": 0}})
     )
     assert (gpu.resolved_backend, cpu.resolved_backend) == ("tensorrt", "onnxruntime")
+
+
+def _model(uri: str, **extra: object) -> dict:
+    return {"uri": uri, "format": "keras", "version": 3, **extra}
+
+
+def _calibration(uri: str) -> dict:
+    return {
+        "optimize": {"precision": "int8", "calibration": {"uri": uri}},
+        "serving": {"instances": {"kind": "CPU"}, "resources": {"gpu": 0}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": _model("pvc://models")}, r"spec.model.uri pvc:// URIs must be pvc://<claim>/<path>"),
+        ({"model": _model("pvc://models/")}, r"spec.model.uri pvc:// URIs must be"),
+        ({"model": _model("pvc://models/../other/model.keras")}, r"without '\.\.'"),
+        ({"model": _model("pvc://Models/ctr/3")}, r"lowercase DNS subdomain"),
+        (_calibration("/data/calibration.npz"), r"spec.optimize.calibration.uri must start with pvc://"),
+        (_calibration("pvc://calib/../x.npz"), r"spec.optimize.calibration.uri pvc:// URIs must be"),
+        ({"model": _model("s3://b/k", credentials={})}, r"credentials needs secretRef.name or serviceAccountName"),
+        ({"model": _model("s3://b/k", credentials={"secretRef": {}})}, r"secretRef.name is required"),
+        ({"model": _model("s3://b/k", credentials={"secretRef": {"name": "Keys_1"}})}, r"Kubernetes object name"),
+        ({"model": _model("s3://b/k", credentials={"serviceAccountName": "a b"})}, r"serviceAccountName must be"),
+        ({"model": _model("s3://b/k", endpoint="minio:9000")}, r"endpoint must be an http:// or https:// URL"),
+        ({"serving": {"resources": {"gpu": 1}, "warmup": "yes"}}, r"spec.serving.warmup must be a boolean"),
+    ],
+    ids=[
+        "a pvc uri without a path is refused",
+        "a pvc uri with an empty path is refused",
+        "a pvc uri that climbs out of its volume is refused",
+        "a pvc uri whose claim is no object name is refused",
+        "a calibration uri without a scheme is refused",
+        "a pvc calibration uri that climbs out of its volume is refused",
+        "an empty credentials block is refused",
+        "a secret reference without a name is refused",
+        "a secret name that is no object name is refused",
+        "a service account name that is no object name is refused",
+        "an endpoint without a scheme is refused",
+        "a warmup switch that is no boolean is refused",
+    ],
+)
+def test_malformed_sources_and_credentials_are_refused_with_a_clear_message(change: dict, message: str) -> None:
+    spec = minimal_spec()
+    spec.update(change)
+    with pytest.raises(InvalidSpec, match=message):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("change", "same_revision"),
+    [
+        ({"model": _model("pvc://models/ctr-dnn/3", credentials={"secretRef": {"name": "keys"}})}, True),
+        ({"model": _model("pvc://models/ctr-dnn/3", credentials={"serviceAccountName": "reader"})}, True),
+        ({"serving": {"resources": {"gpu": 1}, "gpuProduct": "NVIDIA-A10G", "warmup": True}}, True),
+        ({"serving": {"resources": {"gpu": 1}, "gpuProduct": "NVIDIA-A10G", "warmup": False}}, False),
+        ({"model": _model("pvc://models/ctr-dnn/3", endpoint="http://minio:9000")}, False),
+    ],
+    ids=[
+        "a credentials secret keeps the revision (rotating keys fetches the same model)",
+        "a workload identity keeps the revision",
+        "warmup left on, as it was before the field existed, keeps the revision",
+        "turning warmup off makes a new revision",
+        "another store endpoint makes a new revision",
+    ],
+)
+def test_new_fields_change_the_revision_only_when_they_change_what_is_served(change: dict, same_revision: bool) -> None:
+    assert (revision_of(parse_spec(minimal_spec(**change))) == revision_of(parse_spec(minimal_spec()))) is same_revision

@@ -155,7 +155,9 @@ class Reconciler:
                 progressive = decide_progressive(
                     spec, name=name, namespace=namespace, owner_ref=owner_reference(ids), status=old_status,
                     annotations=meta.get("annotations") or {}, latest=latest, observations=observations, now=now,
-                    default_prometheus=self.defaults.prometheus_url, router_image=None, metrics=self._metrics,
+                    default_prometheus=self.defaults.prometheus_url, router_image=self.defaults.router_image,
+                    router_placement=self.defaults.router_placement(),
+                    metrics=self._metrics,
                 )  # fmt: skip
                 decision = progressive.traffic
         except InvalidSpec as exc:

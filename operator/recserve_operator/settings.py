@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
 DEFAULT_BUILDER_IMAGE = "ghcr.io/recserve/model-repo-builder:0.1.0"
+# The built-in router's nginx (public, unprivileged: uid 101, read-only root); the chart's defaults.routerImage.
+DEFAULT_ROUTER_IMAGE = "nginxinc/nginx-unprivileged:1.27-alpine"
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,10 @@ class OperatorDefaults:
 
     triton_image: str = DEFAULT_TRITON_IMAGE
     builder_image: str = DEFAULT_BUILDER_IMAGE
+    router_image: str = DEFAULT_ROUTER_IMAGE
+    # Where the builtin router's nginx pods run (CPU nodes): pod nodeSelector and tolerations.
+    router_node_selector: Mapping[str, str] = field(default_factory=dict)
+    router_tolerations: tuple[Mapping[str, Any], ...] = ()
     prometheus_url: str = "http://prometheus.monitoring:9090"
     cluster_domain: str = "cluster.local"
     image_pull_policy: str = "IfNotPresent"
@@ -32,6 +40,9 @@ class OperatorDefaults:
         return cls(
             triton_image=e.get("RECSERVE_TRITON_IMAGE", DEFAULT_TRITON_IMAGE),
             builder_image=e.get("RECSERVE_BUILDER_IMAGE", DEFAULT_BUILDER_IMAGE),
+            router_image=e.get("RECSERVE_ROUTER_IMAGE", DEFAULT_ROUTER_IMAGE),
+            router_node_selector=_json_env(e, "RECSERVE_ROUTER_NODE_SELECTOR", dict),
+            router_tolerations=tuple(_json_env(e, "RECSERVE_ROUTER_TOLERATIONS", list)),
             prometheus_url=e.get("RECSERVE_PROMETHEUS_URL", cls.prometheus_url),
             cluster_domain=e.get("RECSERVE_CLUSTER_DOMAIN", cls.cluster_domain),
             image_pull_policy=e.get("RECSERVE_IMAGE_PULL_POLICY", cls.image_pull_policy),
@@ -39,3 +50,28 @@ class OperatorDefaults:
             metrics_port=int(e.get("RECSERVE_METRICS_PORT", str(cls.metrics_port))),
             resync_seconds=float(e.get("RECSERVE_RESYNC_SECONDS", str(cls.resync_seconds))),
         )
+
+    def router_placement(self) -> dict[str, Any]:
+        """Pod-spec fields for the router pods (empty when unset)."""
+        out: dict[str, Any] = {}
+        if self.router_node_selector:
+            out["nodeSelector"] = dict(self.router_node_selector)
+        if self.router_tolerations:
+            out["tolerations"] = [dict(t) for t in self.router_tolerations]
+        return out
+
+
+J = TypeVar("J", dict, list)  # type: ignore[type-arg]
+
+
+def _json_env(env: Mapping[str, str], key: str, kind: type[J]) -> J:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return kind()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{key} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{key} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value

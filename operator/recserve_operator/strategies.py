@@ -66,6 +66,7 @@ def decide_progressive(
     now: datetime,
     default_prometheus: str,
     router_image: str | None,
+    router_placement: Mapping[str, Any] | None = None,
     metrics: ProviderFactory,
 ) -> ProgressiveDecision:
     """Ask the rollout state machine what to run and how to split traffic, measuring the candidate when due."""
@@ -94,9 +95,10 @@ def decide_progressive(
         provider = metrics(policy.analysis.prometheus or default_prometheus)
         measured = collect_measurements(provider, policy.analysis, variant=CANARY, revision=latest)
         analysis = evaluate(policy.analysis, measured)
-        if policy.analysis.ab_test is not None:
-            # A/B counts are totals since the test started: the sequential test accumulates evidence.
-            elapsed = (now - state.started_at).total_seconds() if state.started_at else policy.analysis.interval_s
+        elapsed = state.ab_elapsed_s(now)
+        if policy.analysis.ab_test is not None and elapsed is not None:
+            # A/B counts are totals since the split went live ({{elapsed}}): the sequential test accumulates
+            # evidence, and a sliding window would void its guarantee.
             s = collect_ab_counts(
                 provider, policy.analysis.ab_test, variant=STABLE, revision=state.stable_revision, elapsed_s=elapsed
             )
@@ -112,7 +114,7 @@ def decide_progressive(
     weights = {stable: decision.weights.stable}
     if new.phase is Phase.PROGRESSING and new.revision and new.revision != stable:
         weights[new.revision] = decision.weights.canary
-    router = get_router(policy.routing.provider.value, policy.routing, image=router_image)
+    router = get_router(policy.routing.provider.value, policy.routing, image=router_image, placement=router_placement)
     plan = build_traffic_plan(name, new.evolve(stable_revision=stable), decision.weights, policy.routing)
     objects = router.render(plan, router_name(name), namespace, owner_ref)
     events = (decision.event.type, decision.event.reason, decision.event.message) if decision.event else None

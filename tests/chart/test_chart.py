@@ -231,7 +231,7 @@ def test_the_grafana_dashboard_queries_triton_gpu_and_operator_metrics(tmp_path:
         assert series in text, series
     assert all(e.count("(") == e.count(")") for e in exprs)
     titles = {p["title"] for p in dashboard["panels"]}
-    assert {"Traffic share per revision", "Click-through rate per revision", "GPU utilisation"} <= titles
+    assert {"Traffic share per revision", "Click-through rate per variant", "GPU utilisation"} <= titles
 
 
 def test_every_operator_series_the_dashboard_queries_is_exported_by_the_operator() -> None:

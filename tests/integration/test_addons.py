@@ -23,6 +23,7 @@ from recserve_operator.builders.common import Ids, revision_selector
 from recserve_operator.builders.hpa import QUEUE_TIME_METRIC, build_hpa
 from recserve_operator.builders.service import build_revision_service
 from recserve_operator.builders.servicemonitor import build_servicemonitor
+from recserve_operator.metrics.prometheus import REVISION_LABEL
 from recserve_operator.spec import parse_spec
 
 from recserve_cluster import addons
@@ -150,8 +151,9 @@ def test_a_servicemonitor_target_produces_series_in_prometheus(installed: Cluste
     pods = _get(installed, "pods", "-n", ids.namespace, "-l", f"recserve.dev/revision={ids.revision}")["items"]
     assert labels["pod"] in {p["metadata"]["name"] for p in pods}
     assert labels["service"] == ids.revision_name
-    # The ServiceMonitor's targetLabels: the revision reaches every series, as the rollout queries expect.
-    assert labels["recserve_dev_revision"] == ids.revision
+    # The ServiceMonitor's relabeling: the revision reaches every series under the name the rollout queries use.
+    assert labels[REVISION_LABEL] == ids.revision
+    assert "recserve_dev_revision" not in labels
     assert labels["model"] == "ctr"
 
 

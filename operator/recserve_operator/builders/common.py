@@ -12,6 +12,9 @@ INSTANCE_LABEL = "app.kubernetes.io/instance"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 REVISION_LABEL = "recserve.dev/revision"
+# The label the ServiceMonitor gives every scraped series for the pod's REVISION_LABEL; rollout queries,
+# the Grafana dashboard and the adapter rule select by it.
+SERIES_REVISION_LABEL = "revision"
 APP_NAME = "recserve-triton"
 MANAGER = "recserve"
 CONFIG_CHECKSUM_ANNOTATION = "recserve.dev/config-checksum"

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from recserve_operator.builders.common import REVISION_LABEL, Ids, instance_labels, metadata
+from recserve_operator.builders.common import REVISION_LABEL, SERIES_REVISION_LABEL, Ids, instance_labels, metadata
 from recserve_operator.spec import RecommenderModelSpec
+
+__all__ = ["build_servicemonitor", "pod_label_meta"]
+
+
+def pod_label_meta(label: str) -> str:
+    """The discovery meta label Prometheus gives a pod label: non-[a-zA-Z0-9_] characters become `_`."""
+    return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
 
 
 def build_servicemonitor(spec: RecommenderModelSpec, ids: Ids) -> dict[str, Any]:
+    # `targetLabels: [recserve.dev/revision]` would name the label `recserve_dev_revision`; the rollout queries,
+    # the dashboard and the adapter rule select `revision`, so the endpoint relabels the pod label to that
+    # name. Prometheus Operator's own relabelings already add `namespace`, `service`, `pod` and `container`.
+    revision = {
+        "action": "replace",
+        "sourceLabels": [pod_label_meta(REVISION_LABEL)],
+        "targetLabel": SERIES_REVISION_LABEL,
+    }
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
@@ -19,7 +35,8 @@ def build_servicemonitor(spec: RecommenderModelSpec, ids: Ids) -> dict[str, Any]
                 "matchLabels": instance_labels(ids),
                 "matchExpressions": [{"key": REVISION_LABEL, "operator": "Exists"}],
             },
-            "targetLabels": [REVISION_LABEL],
-            "endpoints": [{"port": "metrics", "interval": "15s", "path": "/metrics"}],
+            "endpoints": [
+                {"port": "metrics", "interval": "15s", "path": "/metrics", "relabelings": [revision]},
+            ],
         },
     }

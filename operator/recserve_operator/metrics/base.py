@@ -66,7 +66,8 @@ def render_query(
     template: str, *, variant: str, revision: str, window_s: float, elapsed_s: float | None = None
 ) -> str:
     """Fill the placeholders of a user query: {{variant}}, {{revision}}, {{interval}} (the analysis interval)
-    and {{elapsed}} (time since the rollout started, for counts over the whole experiment)."""
+    and {{elapsed}} (time since the A/B split went live, status.canary.splitStartedAt: counts over the whole
+    experiment)."""
     return (
         template.replace("{{variant}}", _label_value(variant))
         .replace("{{revision}}", _label_value(revision))

@@ -1,7 +1,7 @@
 """Prometheus HTTP API client and the built-in Triton queries per revision."""
 
-# Series are told apart by a `revision` label that the scrape config adds from the pod label
-# `recserve.dev/revision` (ServiceMonitor/PodMonitor relabeling: source
+# Series are told apart by a `revision` label that the ServiceMonitor (builders/servicemonitor.py) adds from
+# the pod label `recserve.dev/revision` (endpoint relabeling: source
 # `__meta_kubernetes_pod_label_recserve_dev_revision`, target `revision`).
 # Revision rather than variant:  a promotion re-labels no pods, the candidate simply becomes stable,
 # so "stable"/"canary" are roles that move while a revision's series stay continuous.
@@ -19,11 +19,12 @@ from typing import Any
 
 import requests
 
+from recserve_operator.builders.common import SERIES_REVISION_LABEL
 from recserve_operator.metrics.base import MetricsError, TritonSeries
 
 __all__ = ["REVISION_LABEL", "VARIANT_LABEL", "PrometheusProvider", "triton_queries"]
 
-REVISION_LABEL = "revision"
+REVISION_LABEL = SERIES_REVISION_LABEL
 VARIANT_LABEL = "variant"
 
 

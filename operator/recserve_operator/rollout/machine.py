@@ -8,10 +8,10 @@ from enum import StrEnum
 
 from recserve_operator.rollout.analysis import AnalysisResult, Verdict
 from recserve_operator.rollout.policy import ManualAction, RolloutPolicy, Strategy
-from recserve_operator.rollout.state import AbStatus, Phase, RolloutState, VariantStats
+from recserve_operator.rollout.state import AbStatus, ControlRecord, Phase, RolloutState, VariantStats
 from recserve_operator.rollout.statistics import AbDecision, AbVerdict
 
-__all__ = ["Action", "Decision", "Event", "Observation", "TrafficWeights", "next_step"]
+__all__ = ["Action", "Decision", "Event", "Observation", "TrafficWeights", "next_step", "spec_action"]
 
 # How often to look again while waiting for the candidate Deployment to become Available.
 READINESS_POLL_S = 10.0
@@ -88,10 +88,41 @@ def _seconds_since(then: datetime | None, now: datetime) -> float:
     return 0.0 if then is None else max(0.0, (now - then).total_seconds())
 
 
+def spec_action(
+    action: ManualAction, record: ControlRecord | None, desired: str | None
+) -> tuple[ManualAction, ControlRecord | None]:
+    """The spec's `rollout.control.action` as it applies now, and the record to keep in status.
+
+    An action belongs to the revision the spec named when the operator first saw that action, and applies once:
+    left in the spec, it neither repeats (a resumed rollout is not paused again) nor reaches the next revision's
+    rollout. Setting a different action, or clearing and setting it again, gives it to the current revision.
+    """
+    if action is ManualAction.NONE:
+        return ManualAction.NONE, None
+    if record is None or record.action is not action:
+        record = ControlRecord(action, desired)
+    if record.handled or record.revision != desired:
+        return ManualAction.NONE, record
+    return action, record
+
+
 def next_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime) -> Decision:
-    """Decide the next rollout move. Pure: same inputs, same Decision; `now` is passed in."""
+    """Decide the next rollout move. Pure: same inputs, same Decision; `now` is passed in.
+
+    A manual action from the annotation wins over the spec's; the spec's applies once per `spec_action`.
+    """
+    from_spec, record = spec_action(policy.action, state.control, obs.desired_revision)
+    action = obs.action or from_spec
+    d = _decide(policy, state, obs, now, action)
+    if record is not None and obs.action is ManualAction.NONE and d.handled_action is from_spec:
+        record = replace(record, handled=True)
+    return replace(d, state=d.state.evolve(control=record))
+
+
+def _decide(
+    policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime, action: ManualAction
+) -> Decision:
     desired = obs.desired_revision
-    action = obs.action or policy.action
     if state.stable_revision is None and desired is not None and state.phase is Phase.IDLE:
         # First deployment of the model: there is nothing to canary against.
         new = state.evolve(stable_revision=desired, message=f"initial revision {desired}")
@@ -148,7 +179,7 @@ def _enter_first_step(policy: RolloutPolicy, state: RolloutState, now: datetime,
     if policy.strategy is Strategy.IMMEDIATE:
         return _promote(state, "immediate strategy: candidate is Available", now)
     weight = _step_weight(policy, 0)
-    new = state.evolve(weight=weight, step=0, step_started_at=now, failed_checks=0)
+    new = state.evolve(weight=weight, step=0, step_started_at=now, failed_checks=0, split_started_at=now)
     reason = f"candidate Available; {_stage(policy, new)} at {weight}%"
     new = new.evolve(message=reason)
     return Decision(new, _weights(new, True), Action.SET_WEIGHT, reason, event, _requeue(policy, new, now))
@@ -280,7 +311,9 @@ def _reenter_step(policy: RolloutPolicy, state: RolloutState, now: datetime) -> 
     if policy.strategy is Strategy.IMMEDIATE:
         return _promote(state, "immediate strategy: candidate is Available", now)
     weight = _step_weight(policy, state.step)
-    new = state.evolve(weight=weight, step_started_at=now, failed_checks=0)
+    # The experiment began when traffic was first split; an outage of the candidate does not restart it.
+    split = state.split_started_at or now
+    new = state.evolve(weight=weight, step_started_at=now, failed_checks=0, split_started_at=split)
     reason = f"candidate Available; {_stage(policy, new)} at {weight}%"
     new = new.evolve(message=reason)
     event = Event("Normal", "StepStarted", reason)

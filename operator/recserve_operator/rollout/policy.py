@@ -31,6 +31,9 @@ DEFAULT_VARIANT_HEADER = "x-recserve-variant"
 _HEADER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PROMQL_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_PROMQL_RANGE_RE = re.compile(r"\[([^\[\]]*)\]")
+ELAPSED = "{{elapsed}}"
 
 
 class PolicyError(ValueError):
@@ -284,6 +287,8 @@ def _parse_ab(d: Mapping[str, Any]) -> AbTestPolicy:
     clicks, impressions = d.get("clicks", ""), d.get("impressions", "")
     if not isinstance(clicks, str) or not isinstance(impressions, str):
         raise PolicyError(f"{f}: clicks and impressions must be PromQL strings")
+    for key, query in (("clicks", clicks), ("impressions", impressions)):
+        _check_cumulative(query, f"{f}.{key}")
     mde = _number(d.get("minDetectableEffect", 0.1), f"{f}.minDetectableEffect", 0.0, 10.0)
     if mde <= 0:
         # A zero effect has no finite sample size and gives the mSPRT mixture no width.
@@ -299,6 +304,23 @@ def _parse_ab(d: Mapping[str, Any]) -> AbTestPolicy:
         max_duration_s=parse_duration(d.get("maxDuration", "24h"), f"{f}.maxDuration"),
         split=_integer(d.get("split", 50), f"{f}.split", 1, 99),
     )
+
+
+def _check_cumulative(query: str, field: str) -> None:
+    """A/B counts must cover the whole experiment: a range is `[{{elapsed}}]`, never a fixed window.
+
+    The sequential test's error guarantee holds for evidence that only accumulates; a sliding `[1h]` window
+    forgets old impressions, so its p-values are not valid. A query without a range (a raw counter) counts
+    from whenever the application started the counter.
+    """
+    bare = _PROMQL_STRING_RE.sub('""', query)
+    for match in _PROMQL_RANGE_RE.finditer(bare):
+        window = match.group(1).split(":", 1)[0].strip()
+        if window != ELAPSED:
+            raise PolicyError(
+                f"{field}: range [{match.group(1)}] is a sliding window; count since the test started with"
+                f" [{ELAPSED}], e.g. sum by (variant) (increase(recserve_clicks_total[{ELAPSED}]))"
+            )
 
 
 def _parse_analysis(d: Mapping[str, Any], default_prometheus: str) -> AnalysisPolicy:

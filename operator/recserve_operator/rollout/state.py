@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["AbStatus", "Phase", "RolloutState", "VariantStats", "format_time", "parse_time"]
+from recserve_operator.rollout.policy import ManualAction
+
+__all__ = ["AbStatus", "ControlRecord", "Phase", "RolloutState", "VariantStats", "format_time", "parse_time"]
 
 
 class Phase(StrEnum):
@@ -112,6 +114,31 @@ class AbStatus:
 
 
 @dataclass(frozen=True)
+class ControlRecord:
+    """`status.canary.control`: the spec's `rollout.control.action`, the revision it was given for, and whether
+    a rollout already acted on it. An action left in the spec then applies once, and never to a later revision."""
+
+    action: ManualAction
+    revision: str | None
+    handled: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action.value, "revision": self.revision, "handled": self.handled}
+
+    @classmethod
+    def from_dict(cls, d: object) -> ControlRecord | None:
+        if not isinstance(d, Mapping):
+            return None
+        try:
+            action = ManualAction(str(d.get("action") or ""))
+        except ValueError:
+            return None
+        if action is ManualAction.NONE:
+            return None
+        return cls(action, d.get("revision") or None, bool(d.get("handled", False)))
+
+
+@dataclass(frozen=True)
 class RolloutState:
     """Everything the state machine needs to resume after an operator restart."""
 
@@ -122,11 +149,15 @@ class RolloutState:
     step: int = 0
     step_started_at: datetime | None = None
     started_at: datetime | None = None
+    # When traffic was first split to the candidate in this rollout: A/B counts run from here (the sequential
+    # test needs counts since the experiment began, not a sliding window).
+    split_started_at: datetime | None = None
     paused: bool = False
     failed_checks: int = 0
     last_analysis: Mapping[str, Any] | None = None
     ab: AbStatus | None = None
     message: str = ""
+    control: ControlRecord | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # unknown status.canary keys, preserved verbatim
 
     @property
@@ -135,6 +166,12 @@ class RolloutState:
 
     def evolve(self, **changes: Any) -> RolloutState:
         return replace(self, **changes)
+
+    def ab_elapsed_s(self, now: datetime) -> float | None:
+        """Seconds of A/B evidence at `now`: since the split first went live; None before it did."""
+        if self.split_started_at is None:
+            return None
+        return max(0.0, (now - self.split_started_at).total_seconds())
 
     def to_status(self) -> dict[str, Any]:
         """The `status.canary` (and `status.abTest` when an A/B test ran) patch."""
@@ -148,10 +185,12 @@ class RolloutState:
                 "step": self.step,
                 "stepStartedAt": format_time(self.step_started_at),
                 "startedAt": format_time(self.started_at),
+                "splitStartedAt": format_time(self.split_started_at),
                 "paused": self.paused,
                 "failedChecks": self.failed_checks,
                 "lastAnalysis": dict(self.last_analysis) if self.last_analysis is not None else None,
                 "message": self.message,
+                "control": self.control.to_dict() if self.control is not None else None,
             }
         )
         status: dict[str, Any] = {"canary": canary}
@@ -165,7 +204,7 @@ class RolloutState:
         c: Mapping[str, Any] = status.get("canary") or {}
         known = {
             "phase", "stableRevision", "revision", "weight", "step", "stepStartedAt", "startedAt",
-            "paused", "failedChecks", "lastAnalysis", "message",
+            "paused", "failedChecks", "lastAnalysis", "message", "splitStartedAt", "control",
         }  # fmt: skip
         try:
             phase = Phase(c.get("phase") or Phase.IDLE.value)
@@ -180,10 +219,12 @@ class RolloutState:
             step=int(c.get("step") or 0),
             step_started_at=parse_time(c.get("stepStartedAt")),
             started_at=parse_time(c.get("startedAt")),
+            split_started_at=parse_time(c.get("splitStartedAt")),
             paused=bool(c.get("paused", False)),
             failed_checks=int(c.get("failedChecks") or 0),
             last_analysis=c.get("lastAnalysis"),
             ab=AbStatus.from_dict(ab_raw) if isinstance(ab_raw, Mapping) else None,
             message=str(c.get("message") or ""),
+            control=ControlRecord.from_dict(c.get("control")),
             extra={k: v for k, v in c.items() if k not in known},
         )

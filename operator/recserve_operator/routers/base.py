@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from recserve_operator.rollout.policy import ParentRef, RoutingPolicy, RoutingProvider
@@ -49,6 +49,7 @@ class GatewayApiRouter:
 class BuiltinRouter:
     image: str = builtin.DEFAULT_IMAGE
     replicas: int = 2
+    placement: Mapping[str, Any] = field(default_factory=dict)  # nodeSelector / tolerations of the pods
     provider: RoutingProvider = RoutingProvider.BUILTIN
 
     def render(
@@ -59,13 +60,17 @@ class BuiltinRouter:
         return [
             cm,
             builtin.build_router_deployment(
-                name, namespace, name, conf_hash, image=self.image, replicas=self.replicas, owner_ref=owner_ref
+                name, namespace, name, conf_hash, image=self.image, replicas=self.replicas, owner_ref=owner_ref,
+                placement=self.placement,
             ),
             builtin.build_router_service(name, namespace, owner_ref),
         ]
 
 
-def get_router(provider: str, routing: RoutingPolicy | None = None, *, image: str | None = None) -> Router:
+def get_router(
+    provider: str, routing: RoutingPolicy | None = None, *, image: str | None = None,
+    placement: Mapping[str, Any] | None = None,
+) -> Router:  # fmt: skip
     """Router for a provider name ("builtin" | "gatewayAPI"); raises UnknownRouterError otherwise."""
     try:
         kind = RoutingProvider(provider)
@@ -76,4 +81,4 @@ def get_router(provider: str, routing: RoutingPolicy | None = None, *, image: st
         if routing is None or routing.parent_ref is None:
             raise UnknownRouterError("gatewayAPI routing needs rollout.routing.parentRef")
         return GatewayApiRouter(routing.parent_ref)
-    return BuiltinRouter(image=image or builtin.DEFAULT_IMAGE)
+    return BuiltinRouter(image=image or builtin.DEFAULT_IMAGE, placement=dict(placement or {}))

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recserve_operator.routers.plan import CANARY, STABLE, TrafficPlan
+from recserve_operator.settings import DEFAULT_ROUTER_IMAGE
 
 __all__ = [
     "DEFAULT_IMAGE",
+    "GRPC_ROUTER_PORT",
+    "GRPC_SERVICE_PORT",
     "ROUTER_PORT",
     "Block",
     "Directive",
@@ -37,16 +40,21 @@ __all__ = [
     "render_nginx_conf",
 ]
 
-DEFAULT_IMAGE = "nginxinc/nginx-unprivileged:1.27-alpine"
+DEFAULT_IMAGE = DEFAULT_ROUTER_IMAGE  # the operator passes its router_image setting (RECSERVE_ROUTER_IMAGE)
 ROUTER_PORT = 8080
+PRESTOP_SLEEP_S = 5
 SERVICE_PORT = 8000  # clients keep talking to the Triton HTTP port number
 BACKEND_PORT = 8000
+GRPC_ROUTER_PORT = 8081
+GRPC_SERVICE_PORT = 8001  # clients keep talking to the Triton gRPC port number
+GRPC_BACKEND_PORT = 8001
 CONF_KEY = "nginx.conf"
 PLAN_KEY = "plan.json"  # the same plan as data, for local routers (recserve_cluster.dataplane)
 CONF_DIR = "/etc/recserve-router"
 CONFIG_HASH_ANNOTATION = "recserve.dev/router-config-hash"
 _SAFE_ARG = re.compile(r'^[^\s;{}"\'\\#]+$')
 _UPSTREAM_PREFIX = "recserve_"
+_GRPC_UPSTREAM_PREFIX = "recserve_grpc_"
 _VARIANT_VAR = "$recserve_variant"
 
 
@@ -164,16 +172,52 @@ class NginxSettings:
     access_log: str = "/dev/stdout"
     worker_processes: str = "auto"
     upstreams: Mapping[str, str] = field(default_factory=dict)  # variant -> "host:port" override
+    # gRPC (HTTP/2) server routing Triton's gRPC API by the same weights; None: HTTP only (local data planes).
+    grpc_listen_port: int | None = GRPC_ROUTER_PORT
+    grpc_upstreams: Mapping[str, str] = field(default_factory=dict)  # variant -> "host:port" override
     namespace: str | None = None  # for fully-qualified Service DNS names
     user: str | None = None  # only meaningful when nginx starts as root (local runs)
 
 
-def _upstream_address(variant: str, service: str, settings: NginxSettings) -> str:
-    if variant in settings.upstreams:
-        return settings.upstreams[variant]
+def _upstream_address(variant: str, service: str, settings: NginxSettings, *, grpc: bool = False) -> str:
+    overrides = settings.grpc_upstreams if grpc else settings.upstreams
+    if variant in overrides:
+        return overrides[variant]
     # No ".cluster.local": the cluster domain varies; the pod resolv.conf search list completes ".svc".
     host = f"{service}.{settings.namespace}.svc" if settings.namespace else service
-    return f"{host}:{BACKEND_PORT}"
+    return f"{host}:{GRPC_BACKEND_PORT if grpc else BACKEND_PORT}"
+
+
+def _upstreams(plan: TrafficPlan, s: NginxSettings, *, grpc: bool) -> tuple[Block, ...]:
+    prefix = _GRPC_UPSTREAM_PREFIX if grpc else _UPSTREAM_PREFIX
+    return tuple(
+        b("upstream", [prefix + _arg(be.variant)],
+          d("server", _arg(_upstream_address(be.variant, be.service, s, grpc=grpc))),
+          d("keepalive", "32"))
+        for be in plan.backends
+    )  # fmt: skip
+
+
+def _grpc_server(s: NginxSettings) -> tuple[Block, ...]:
+    if s.grpc_listen_port is None:
+        return ()
+    return (
+        b(
+            "server",
+            [],
+            # `listen ... http2` rather than the `http2 on` directive: nginx before 1.25.1 (Debian 12's 1.22,
+            # the local stand-in) only knows this form; newer nginx accepts it with a deprecation warning.
+            d("listen", str(s.grpc_listen_port), "http2"),
+            b(
+                "location",
+                ["/"],
+                d("grpc_pass", f"grpc://{_GRPC_UPSTREAM_PREFIX}{_VARIANT_VAR}"),
+                d("grpc_read_timeout", "60s"),
+                d("client_max_body_size", "64m"),
+                d("add_header", "X-RecServe-Variant", _VARIANT_VAR, "always"),
+            ),
+        ),
+    )
 
 
 def render_nginx_conf(plan: TrafficPlan, settings: NginxSettings | None = None) -> str:
@@ -193,12 +237,9 @@ def render_nginx_conf(plan: TrafficPlan, settings: NginxSettings | None = None) 
         # Candidate first: it owns the low end of the hash space, so its slice only grows with its weight.
         split_entries = (d(f"{canary.weight}%", CANARY), d("*", STABLE))
     forced_entries = tuple(d(_arg(be.variant), be.variant) for be in plan.backends)
-    upstreams = tuple(
-        b("upstream", [_UPSTREAM_PREFIX + _arg(be.variant)],
-          d("server", _arg(_upstream_address(be.variant, be.service, s))),
-          d("keepalive", "32"))
-        for be in plan.backends
-    )  # fmt: skip
+    upstreams = _upstreams(plan, s, grpc=False)
+    if s.grpc_listen_port is not None:
+        upstreams += _upstreams(plan, s, grpc=True)
     log_format = (
         "'$remote_addr [$time_iso8601] \"$request\" $status $request_time '"
         " 'variant=$recserve_variant upstream=$upstream_addr'"
@@ -251,15 +292,26 @@ def render_nginx_conf(plan: TrafficPlan, settings: NginxSettings | None = None) 
                     d("add_header", "X-RecServe-Variant", _VARIANT_VAR, "always"),
                 ),
             ),
+            *_grpc_server(s),
         ),
     ]
     return render_config(main)
 
 
 def render_local_nginx_conf(
-    plan: TrafficPlan, upstreams: Mapping[str, str], runtime_dir: str, listen_port: int, user: str | None = None
+    plan: TrafficPlan,
+    upstreams: Mapping[str, str],
+    runtime_dir: str,
+    listen_port: int,
+    user: str | None = None,
+    *,
+    grpc_upstreams: Mapping[str, str] | None = None,
+    grpc_listen_port: int | None = None,
 ) -> str:
-    """The same config for a local nginx (e.g. Debian's): upstream host:port per variant, files under runtime_dir."""
+    """The same config for a local nginx (e.g. Debian's): upstream host:port per variant, files under runtime_dir.
+
+    gRPC is routed only when `grpc_listen_port` is given (with `grpc_upstreams`, the Triton gRPC addresses).
+    """
     settings = NginxSettings(
         listen_port=listen_port,
         runtime_dir=runtime_dir,
@@ -267,6 +319,8 @@ def render_local_nginx_conf(
         access_log=f"{runtime_dir.rstrip('/')}/access.log",
         worker_processes="2",
         upstreams=dict(upstreams),
+        grpc_listen_port=grpc_listen_port,
+        grpc_upstreams=dict(grpc_upstreams or {}),
         user=user,
     )
     return render_nginx_conf(plan, settings)
@@ -315,6 +369,7 @@ def build_router_deployment(
     conf_hash: str,
     *,
     image: str = DEFAULT_IMAGE,
+    placement: Mapping[str, Any] | None = None,
     replicas: int = 2,
     owner_ref: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -328,8 +383,14 @@ def build_router_deployment(
         "name": "nginx",
         "image": image,
         "command": ["nginx", "-c", f"{CONF_DIR}/{CONF_KEY}", "-g", "daemon off;"],
-        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_ROUTER_PORT, "protocol": "TCP"},
+        ],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 2},
+        # A replaced pod keeps accepting connections until every kube-proxy and the API server's endpoint
+        # cache have dropped it; only then does nginx stop (gracefully, SIGQUIT is the image's stop signal).
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": {
@@ -358,7 +419,10 @@ def build_router_deployment(
             "template": {
                 "metadata": {"labels": labels, "annotations": {CONFIG_HASH_ANNOTATION: conf_hash}},
                 "spec": {
+                    **dict(placement or {}),
                     "automountServiceAccountToken": False,
+                    # preStop sleep + nginx's graceful stop (SIGQUIT): in-flight requests finish.
+                    "terminationGracePeriodSeconds": 30,
                     "securityContext": {
                         "runAsNonRoot": True,
                         "fsGroup": 101,
@@ -384,6 +448,15 @@ def build_router_service(name: str, namespace: str, owner_ref: Mapping[str, Any]
         "spec": {
             "type": "ClusterIP",
             "selector": _selector(name),
-            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
+                {
+                    "name": "grpc",
+                    "port": GRPC_SERVICE_PORT,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+            ],
         },
     }

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from recserve_operator.rollout.machine import Action, Observation, next_step
 from recserve_operator.rollout.policy import ManualAction, RolloutPolicy
-from recserve_operator.rollout.state import Phase, RolloutState
+from recserve_operator.rollout.state import ControlRecord, Phase, RolloutState
 from recserve_operator.rollout.statistics import AbDecision, AbVerdict, Counts
 
 from .helpers import AB_SPEC, CANARY_SPEC, FAIL, INCONCLUSIVE, PASS, T0, at, policy, spec
@@ -303,3 +303,110 @@ def test_an_annotation_action_without_a_rollout_is_consumed() -> None:
     assert d.action is Action.NONE
     assert d.handled_action is ManualAction.PROMOTE
     assert "ignored" in d.reason
+
+
+# ---------------------------------------------------------------- spec.rollout.control.action applies once
+
+PROMOTE_IN_SPEC = policy(control__action="promote")
+ABORT_IN_SPEC = policy(control__action="abort")
+PAUSE_IN_SPEC = policy(control__action="pause")
+
+
+def next_rollout(**kw: Any) -> RolloutState:
+    """r2 was promoted by the spec's action; r3 is now rolling out at its first step."""
+    return RolloutState(phase=Phase.PROGRESSING, stable_revision="r2", revision="r3", weight=10, step=0,
+                        step_started_at=at(0), started_at=at(0), split_started_at=at(0), **kw)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ControlCase:
+    name: str
+    policy: RolloutPolicy
+    state: RolloutState
+    obs: Observation
+    action: Action
+    control: ControlRecord | None
+
+
+CONSUMED_BY_R2 = ControlRecord(ManualAction.PROMOTE, "r2", handled=True)
+CONTROL_CASES = [
+    ControlCase("a spec action applies to the rollout in progress",
+                PROMOTE_IN_SPEC, at_step(0, 10), obs(), Action.PROMOTE,
+                ControlRecord(ManualAction.PROMOTE, "r2", True)),
+    ControlCase("a spec action consumed by one rollout does not apply to the next revision's rollout",
+                PROMOTE_IN_SPEC, next_rollout(control=CONSUMED_BY_R2), obs(desired="r3"), Action.WAIT, CONSUMED_BY_R2),
+    ControlCase("a newly set action on the new rollout applies to it",
+                ABORT_IN_SPEC, next_rollout(control=CONSUMED_BY_R2), obs(desired="r3"), Action.ROLL_BACK,
+                ControlRecord(ManualAction.ABORT, "r3", True)),
+    ControlCase("a spec action set again after being cleared applies to the new rollout",
+                PROMOTE_IN_SPEC, next_rollout(), obs(desired="r3"), Action.PROMOTE,
+                ControlRecord(ManualAction.PROMOTE, "r3", True)),
+    ControlCase("a spec action given for one revision is not applied after the spec moves to another",
+                PROMOTE_IN_SPEC, next_rollout(control=ControlRecord(ManualAction.PROMOTE, "r2")), obs(desired="r3"),
+                Action.WAIT, ControlRecord(ManualAction.PROMOTE, "r2")),
+    ControlCase("a spec action that cannot act yet stays pending for its rollout",
+                PROMOTE_IN_SPEC, at_step(0, 10), obs(available=False), Action.SET_WEIGHT,
+                ControlRecord(ManualAction.PROMOTE, "r2")),
+    ControlCase("a spec pause already acted on does not pause again after a resume",
+                PAUSE_IN_SPEC, at_step(0, 10, control=ControlRecord(ManualAction.PAUSE, "r2", True)), obs(),
+                Action.WAIT, ControlRecord(ManualAction.PAUSE, "r2", True)),
+    ControlCase("clearing the spec action forgets which rollout used it",
+                CANARY, at_step(0, 10, control=ControlRecord(ManualAction.PAUSE, "r2", True)), obs(), Action.WAIT,
+                None),
+    ControlCase("a spec action set while no rollout runs is kept from the next revision's rollout",
+                PROMOTE_IN_SPEC, idle(), obs(desired="r1"), Action.NONE, ControlRecord(ManualAction.PROMOTE, "r1")),
+    ControlCase("an annotation action does not use up the spec's action",
+                PAUSE_IN_SPEC, at_step(0, 10), obs(action=ManualAction.ABORT), Action.ROLL_BACK,
+                ControlRecord(ManualAction.PAUSE, "r2")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CONTROL_CASES, ids=[c.name for c in CONTROL_CASES])
+def test_spec_control_action(case: ControlCase) -> None:
+    d = next_step(case.policy, case.state, case.obs, at(60))
+    assert d.action is case.action, d.reason
+    assert d.state.control == case.control
+    restored = RolloutState.from_status(yaml.safe_load(yaml.safe_dump(d.state.to_status())))
+    assert restored.control == case.control
+
+
+def test_a_promote_left_in_the_spec_does_not_promote_the_next_revision() -> None:
+    state, t = at_step(0, 10), 60.0
+    first = next_step(PROMOTE_IN_SPEC, state, obs(), at(t))
+    assert first.action is Action.PROMOTE
+    state = first.state
+    actions = []
+    for _ in range(6):
+        t += 30
+        d = next_step(PROMOTE_IN_SPEC, state, obs(desired="r3"), at(t))
+        actions.append(d.action)
+        state = d.state
+    assert Action.PROMOTE not in actions, actions
+    assert state.phase is Phase.PROGRESSING and state.revision == "r3"
+
+
+# ---------------------------------------------------------------- the A/B experiment's start
+
+AB_CASES = [
+    ("entering the A/B split records when the experiment started",
+     at_step(0, 0).evolve(step_started_at=None), obs(analysis=None), 90, at(90)),
+    ("a candidate outage and its recovery keep the experiment's start",
+     at_step(0, 0, split_started_at=at(30)).evolve(step_started_at=None), obs(analysis=None), 600, at(30)),
+    ("a candidate that is not Available yet has no experiment running",
+     idle(), obs(available=False, analysis=None), 10, None),
+    ("a new revision starts a new experiment",
+     at_step(0, 50, split_started_at=at(30)), obs(available=False, analysis=None, desired="r3"), 600, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "state", "o", "now", "started"), AB_CASES, ids=[c[0] for c in AB_CASES])
+def test_ab_experiment_start(name: str, state: RolloutState, o: Observation, now: float, started: Any) -> None:
+    d = next_step(AB, state, o, at(now))
+    assert d.state.split_started_at == started, d.reason
+
+
+def test_ab_evidence_accumulates_from_the_split_not_from_the_rollout_start() -> None:
+    started = next_step(AB, idle(), obs(available=False, analysis=None), at(0)).state
+    assert started.ab_elapsed_s(at(100)) is None
+    split = next_step(AB, started, obs(analysis=None), at(100)).state
+    assert [split.ab_elapsed_s(at(t)) for t in (100, 400, 3700)] == [0.0, 300.0, 3600.0]

@@ -109,3 +109,29 @@ def test_gateway_parent_ref_is_parsed() -> None:
     )
     assert p.routing.parent_ref is not None
     assert (p.routing.parent_ref.name, p.routing.parent_ref.section_name) == ("gw", "http")
+
+
+SLIDING_AB_QUERIES = [
+    ("an increase over a fixed hour", "sum by (variant) (increase(recserve_clicks_total[1h]))"),
+    ("a rate over the analysis interval", "sum by (variant) (rate(recserve_clicks_total[{{interval}}]))"),
+    ("a subquery over a fixed window", "sum by (variant) (max_over_time(recserve_clicks_total[30m:1m]))"),
+    ("a fixed window with spaces", 'sum(increase(recserve_clicks_total{variant="{{variant}}"}[ 5m ]))'),
+]
+CUMULATIVE_AB_QUERIES = [
+    ("an increase since the test started", "sum by (variant) (increase(recserve_clicks_total[{{elapsed}}]))"),
+    ("a raw cumulative counter", 'sum(recserve_clicks_total{variant="{{variant}}"})'),
+    ("a regex matcher with brackets in its value", 'sum(increase(clicks_total{variant=~"[a-z]+"}[{{elapsed}}]))'),
+]
+
+
+@pytest.mark.parametrize(("name", "query"), SLIDING_AB_QUERIES, ids=[n for n, _ in SLIDING_AB_QUERIES])
+@pytest.mark.parametrize("key", ["clicks", "impressions"])
+def test_an_ab_query_over_a_sliding_window_is_rejected(name: str, query: str, key: str) -> None:
+    with pytest.raises(PolicyError, match=rf"abTest\.{key}: range .* is a sliding window"):
+        RolloutPolicy.from_spec(spec(AB_SPEC, **{f"analysis__abTest__{key}": query}))
+
+
+@pytest.mark.parametrize(("name", "query"), CUMULATIVE_AB_QUERIES, ids=[n for n, _ in CUMULATIVE_AB_QUERIES])
+def test_an_ab_query_counting_since_the_test_started_is_accepted(name: str, query: str) -> None:
+    ab = RolloutPolicy.from_spec(spec(AB_SPEC, analysis__abTest__clicks=query)).analysis.ab_test
+    assert ab is not None and ab.clicks == query

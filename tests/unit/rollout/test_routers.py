@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,9 @@ from recserve_operator.rollout.policy import ParentRef, RoutingPolicy, RoutingPr
 from recserve_operator.rollout.state import Phase, RolloutState
 from recserve_operator.routers.base import BuiltinRouter, GatewayApiRouter, UnknownRouterError, get_router
 from recserve_operator.routers.builtin import (
+    GRPC_ROUTER_PORT,
+    GRPC_SERVICE_PORT,
+    NginxSettings,
     assign_variant,
     build_router_configmap,
     build_router_deployment,
@@ -27,6 +33,7 @@ from recserve_operator.routers.builtin import (
 )
 from recserve_operator.routers.gateway_api import build_httproute
 from recserve_operator.routers.plan import Backend, TrafficPlan, build_traffic_plan
+from recserve_operator.settings import OperatorDefaults
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "routers"
 OWNER = {"apiVersion": "recserve.dev/v1alpha1", "kind": "RecommenderModel", "name": "shop", "uid": "u-1",
@@ -222,3 +229,156 @@ def test_unsafe_values_never_reach_the_nginx_config() -> None:
 def test_builtin_router_objects_pass_the_kubernetes_schema() -> None:
     for obj in BuiltinRouter().render(plan(), "shop-router", "shop", OWNER):
         kubernetes_validate.validate(obj, "1.35.0", strict=True)
+
+
+# ---------------------------------------------------------------- nginx itself checks the configs
+
+NGINX = "/usr/sbin/nginx"
+LOCAL = NginxSettings(listen_port=8080, runtime_dir="/run/rs", error_log="/run/rs/error.log",
+                      access_log="/run/rs/access.log", worker_processes="2",
+                      upstreams={"stable": "127.0.0.1:8000", "canary": "127.0.0.1:9000"}, grpc_listen_port=None)
+NGINX_CASES = [
+    ("the canary at 30% golden config", plan(), NginxSettings()),
+    ("the stable-only golden config", plan(0, routable=False), NginxSettings()),
+    ("the router ConfigMap's namespaced config", plan(), NginxSettings(namespace="shop")),
+    ("the local data plane's golden config", plan(), LOCAL),
+    ("the local data plane with gRPC", plan(), dataclasses.replace(LOCAL, grpc_listen_port=8081,
+                                                                   grpc_upstreams={"stable": "127.0.0.1:8001",
+                                                                                   "canary": "127.0.0.1:9001"})),
+    ("a candidate at 100%", plan(100), NginxSettings()),
+]  # fmt: skip
+_SERVER = re.compile(r"^(\s*server) \S+;$", re.MULTILINE)
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason=f"{NGINX} is absent (apt-get install nginx) to check configs")
+@pytest.mark.parametrize(("name", "the_plan", "settings_"), NGINX_CASES, ids=[c[0] for c in NGINX_CASES])
+def test_nginx_accepts_the_generated_config(
+    name: str, the_plan: TrafficPlan, settings_: NginxSettings, tmp_path: Path
+) -> None:
+    """`nginx -t` on the config, with only what the sandbox lacks swapped: upstream hosts that resolve only in the
+    cluster (nginx resolves them at load) become 127.0.0.1, the runtime directory a temporary one."""
+    def rebase(path: str) -> str:
+        return path.replace(settings_.runtime_dir.rstrip("/"), str(tmp_path), 1)
+
+    checked = dataclasses.replace(
+        settings_,
+        runtime_dir=str(tmp_path),
+        error_log=rebase(settings_.error_log),
+        access_log=rebase(settings_.access_log),
+        upstreams={be.variant: "127.0.0.1:8000" for be in the_plan.backends},
+        grpc_upstreams={be.variant: "127.0.0.1:8001" for be in the_plan.backends},
+    )
+    conf = render_nginx_conf(the_plan, checked)
+
+    def blank(text: str, runtime: str) -> str:
+        return _SERVER.sub(r"\1 ADDR;", text.replace(runtime.rstrip("/"), "RUNTIME"))
+
+    # The swap touches nothing else: with runtime paths and server addresses blanked, it is the same config.
+    assert blank(conf, str(tmp_path)) == blank(render_nginx_conf(the_plan, settings_), settings_.runtime_dir)
+    path = tmp_path / "nginx.conf"
+    path.write_text(conf)
+    result = subprocess.run([NGINX, "-t", "-q", "-p", f"{tmp_path}/", "-e", str(tmp_path / "startup.log"), "-c",
+                             str(path)], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, f"nginx -t rejected {name}:\n{result.stderr}\n{conf}"
+
+
+# ---------------------------------------------------------------- gRPC routing
+
+
+def _grpc_server(conf: str) -> str:
+    start = conf.index(f"listen {GRPC_ROUTER_PORT} http2;")
+    return conf[start : conf.index("}\n    }", start)]
+
+
+GRPC_CASES = [
+    ("gRPC goes to the Triton gRPC port of each revision", plan(),
+     ["upstream recserve_grpc_stable {\n        server shop-a1b2c3d4e5:8001;",
+      "upstream recserve_grpc_canary {\n        server shop-f6e5d4c3b2:8001;"]),
+    ("gRPC picks the upstream with the same variable as HTTP", plan(),
+     ["grpc_pass grpc://recserve_grpc_$recserve_variant;", "proxy_pass http://recserve_$recserve_variant;"]),
+    ("gRPC listens with HTTP/2 on its own port", plan(), [f"listen {GRPC_ROUTER_PORT} http2;"]),
+    ("a stable-only plan routes gRPC to stable alone", plan(0, routable=False),
+     ["upstream recserve_grpc_stable {"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "the_plan", "fragments"), GRPC_CASES, ids=[c[0] for c in GRPC_CASES])
+def test_grpc_routing(name: str, the_plan: TrafficPlan, fragments: list[str]) -> None:
+    conf = render_nginx_conf(the_plan)
+    for fragment in fragments:
+        assert fragment in conf, fragment
+
+
+def test_grpc_uses_the_same_weights_and_sticky_split_as_http() -> None:
+    """One split_clients and one variant map serve both servers, so a user lands on one variant for both APIs."""
+    conf = render_nginx_conf(plan(30))
+    assert conf.count("split_clients") == 1 and conf.count("map $http_x_recserve_variant") == 1
+    assert "30% canary;" in conf
+    assert "X-RecServe-Variant $recserve_variant" in _grpc_server(conf)
+
+
+def test_a_stable_only_plan_has_no_canary_grpc_upstream() -> None:
+    assert "recserve_grpc_canary" not in render_nginx_conf(plan(0, routable=False))
+
+
+def test_local_configs_route_grpc_only_when_asked() -> None:
+    ups = {"stable": "127.0.0.1:8000"}
+    assert "grpc_pass" not in render_local_nginx_conf(plan(0, routable=False), ups, "/run/rs", 8080)
+    conf = render_local_nginx_conf(plan(0, routable=False), ups, "/run/rs", 8080,
+                                   grpc_upstreams={"stable": "127.0.0.1:8001"}, grpc_listen_port=9081)  # fmt: skip
+    assert "listen 9081 http2;" in conf and "server 127.0.0.1:8001;" in conf
+
+
+def test_the_router_service_exposes_grpc_on_the_triton_grpc_port() -> None:
+    svc = build_router_service("r", "ns")
+    dep = build_router_deployment("r", "ns", "r", "abc")
+    grpc = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert (grpc["port"], grpc["targetPort"], grpc["appProtocol"]) == (GRPC_SERVICE_PORT, "grpc", "grpc")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert {"name": "grpc", "containerPort": GRPC_ROUTER_PORT, "protocol": "TCP"} in container["ports"]
+
+
+# ---------------------------------------------------------------- the router image is an operator setting
+
+IMAGE_CASES = [
+    ("the chart's public nginx is the default", {}, "nginxinc/nginx-unprivileged:1.27-alpine"),
+    ("RECSERVE_ROUTER_IMAGE overrides it", {"RECSERVE_ROUTER_IMAGE": "registry.local/nginx:test"},
+     "registry.local/nginx:test"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "env", "image"), IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_the_router_image_comes_from_the_operator_settings(name: str, env: dict[str, str], image: str) -> None:
+    defaults = OperatorDefaults.from_env(env)
+    assert defaults.router_image == image
+    objs = get_router("builtin", ROUTING, image=defaults.router_image).render(plan(), "r", "ns")
+    (container,) = objs[1]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == image
+
+
+def test_the_charts_router_image_default_matches_the_operators() -> None:
+    values = yaml.safe_load((Path(__file__).resolve().parents[3] / "charts/recserve/values.yaml").read_text())
+    assert values["defaults"]["routerImage"] == OperatorDefaults().router_image
+
+
+def test_the_router_pods_go_where_the_operator_settings_place_them() -> None:
+    defaults = OperatorDefaults.from_env({
+        "RECSERVE_ROUTER_NODE_SELECTOR": '{"node-role.example.com/cpu": "true"}',
+        "RECSERVE_ROUTER_TOLERATIONS": '[{"key": "dedicated", "operator": "Equal", "value": "edge",'
+                                       ' "effect": "NoSchedule"}]',
+    })  # fmt: skip
+    placement = defaults.router_placement()
+    router = get_router("builtin", placement=placement)
+    objs = router.render(plan(), "shop-router", "shop")
+    pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"node-role.example.com/cpu": "true"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"}]
+    assert pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+
+
+def test_unset_router_placement_adds_nothing_and_bad_json_is_named() -> None:
+    assert OperatorDefaults.from_env({}).router_placement() == {}
+    with pytest.raises(ValueError, match="RECSERVE_ROUTER_TOLERATIONS must be a JSON list"):
+        OperatorDefaults.from_env({"RECSERVE_ROUTER_TOLERATIONS": '{"key": "x"}'})
+    with pytest.raises(ValueError, match="RECSERVE_ROUTER_NODE_SELECTOR is not valid JSON"):
+        OperatorDefaults.from_env({"RECSERVE_ROUTER_NODE_SELECTOR": "kubernetes.io/os=linux"})

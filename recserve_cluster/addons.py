@@ -2,9 +2,10 @@
 
 Each is the real component built here, nothing is pulled: the Go programs, the Prometheus server included,
 from their modules (`tools.ADDON_TOOLS`, CGO_ENABLED=0), each alone in a scratch image tagged as its upstream
-image. The `*_objects` builders are pure (data in, manifests out, no clocks); `install` builds and loads the
-images, applies everything server-side and waits until each add-on serves; `uninstall` deletes what `install`
-applied (the CRDs stay: deleting them would delete every ServiceMonitor in the cluster).
+image. The `*_objects` builders are pure (data in, manifests out, no clocks; the adapter's rules are read from
+the chart's files/prometheus-adapter-rules.yaml); `install` builds and loads the images, applies everything
+server-side and waits until each add-on serves; `uninstall` deletes what `install` applied (the CRDs stay:
+deleting them would delete every ServiceMonitor in the cluster).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ PROMETHEUS_URL = f"http://{PROMETHEUS_SERVICE}.{NAMESPACE}:{PROMETHEUS_PORT}"
 # their own interval (the operator's Triton ServiceMonitor: 15s) keep it.
 SCRAPE_INTERVAL = "5s"
 ADAPTER_RELIST_INTERVAL = "15s"
-# rate() window of the adapter rule: four samples at the operator's 15s ServiceMonitor interval.
-QUEUE_TIME_WINDOW = "1m"
+# The adapter's rules ship with the chart (users' adapters read the same file); this install mounts it as is.
+ADAPTER_RULES_FILE = Path(__file__).resolve().parents[1] / "charts/recserve/files/prometheus-adapter-rules.yaml"
 METRICS_SERVER_RESOLUTION = "15s"
 # The config reloader re-reads the generated config every 3 minutes by default: the kubelet swaps a Secret
 # volume's `..data` symlink, which its file watch does not see. Polling at this interval instead, a new
@@ -327,39 +328,34 @@ def prometheus_objects() -> list[Obj]:
 # ---------------------------------------------------------------------------------------- prometheus-adapter
 
 
-def queue_time_rule() -> Obj:
-    """The custom-metrics rule behind the HPA's Pods metric `triton_queue_time_us` (builders/hpa.py).
-
-    Average time a request waited in Triton's queue over the window, per pod: the rate of Triton's
-    cumulative queue time (nv_inference_queue_duration_us, µs, counted for successful requests) over the
-    rate of successful requests (nv_inference_request_success), summed over the pod's models. The
-    ServiceMonitor (builders/servicemonitor.py) scrapes through per-revision Services, so each series
-    carries the `namespace` and `pod` labels the rule maps to resources. An idle pod reads 0, not NaN.
-    """
-    window = QUEUE_TIME_WINDOW
-    queued = f"sum by (<<.GroupBy>>) (rate(nv_inference_queue_duration_us{{<<.LabelMatchers>>}}[{window}]))"
-    served = f"sum by (<<.GroupBy>>) (rate(nv_inference_request_success{{<<.LabelMatchers>>}}[{window}]))"
-    return {
-        "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',
-        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-        "name": {"matches": "^nv_inference_queue_duration_us$", "as": QUEUE_TIME_METRIC},
-        "metricsQuery": f"{queued} / clamp_min({served}, 1e-9)",
-    }
-
-
-def adapter_config() -> Obj:
-    """prometheus-adapter's config file (the chart ships the same dict): custom metrics only.
+def adapter_config_text() -> str:
+    """prometheus-adapter's config file, verbatim from the chart (its one copy): custom metrics only.
 
     Resource metrics (metrics.k8s.io) come from metrics-server, so there are no resourceRules.
     """
-    return {"rules": [queue_time_rule()]}
+    return ADAPTER_RULES_FILE.read_text()
+
+
+def adapter_config() -> Obj:
+    """The chart's adapter config, parsed."""
+    config: Obj = yaml.safe_load(adapter_config_text())
+    return config
+
+
+def queue_time_rule() -> Obj:
+    """The custom-metrics rule behind the HPA's Pods metric `triton_queue_time_us` (builders/hpa.py).
+
+    Average time a request waited in Triton's queue over the window, per pod; the chart file explains the query.
+    """
+    rule: Obj = next(r for r in adapter_config()["rules"] if r["name"]["as"] == QUEUE_TIME_METRIC)
+    return rule
 
 
 def adapter_objects(cert: ServingCert) -> list[Obj]:
     """prometheus-adapter serving custom.metrics.k8s.io from the Prometheus above, TLS from `cert`."""
     name, version = "prometheus-adapter", tools.PROMETHEUS_ADAPTER_VERSION
     labels, selector = _labels(name, "metrics-adapter", version), _selector(name, "metrics-adapter")
-    config = yaml.safe_dump(adapter_config(), sort_keys=False)
+    config = adapter_config_text()
     tls = f"{name}-tls"
     dns = service_dns_names(name, NAMESPACE)
     container = {

@@ -28,6 +28,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "replicaCount": 2,
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
+        "metricsAdapter": {"rules": {"create": True, "namespace": "monitoring"}},
         "networkPolicy": {"enabled": True, "apiServerCIDRs": ["10.0.0.1/32"]},
         "image": {"digest": "sha256:" + "a" * 64},
         "defaults": {"prometheusUrl": "http://kube-prometheus.monitoring:9090"},

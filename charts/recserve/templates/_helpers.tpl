@@ -104,3 +104,8 @@ app.kubernetes.io/part-of: recserve
   resources: [events]
   verbs: [create]
 {{- end }}
+
+{{/* ConfigMap holding the prometheus-adapter rules (metricsAdapter.rules). */}}
+{{- define "recserve.adapterRulesName" -}}
+{{- default (printf "%s-prometheus-adapter-rules" (include "recserve.fullname" .) | trunc 63 | trimSuffix "-") .Values.metricsAdapter.rules.name }}
+{{- end }}

@@ -7,8 +7,9 @@ from typing import Any
 from recserve_operator.builders.common import Ids, metadata
 from recserve_operator.spec import RecommenderModelSpec
 
-# Pods metric served by a metrics adapter (prometheus-adapter rule over nv_inference_queue_duration_us /
-# nv_inference_request_success); documented in the chart.
+# Pods metric served by a metrics adapter: the prometheus-adapter rule in
+# charts/recserve/files/prometheus-adapter-rules.yaml (nv_inference_queue_duration_us over
+# nv_inference_request_success per pod), shipped by the chart and documented in docs/autoscaling.md.
 QUEUE_TIME_METRIC = "triton_queue_time_us"
 
 

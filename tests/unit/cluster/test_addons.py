@@ -10,13 +10,17 @@ from typing import Any
 
 import pytest
 import yaml
+from recserve_operator.builders.common import SERIES_REVISION_LABEL, Ids
 from recserve_operator.builders.hpa import QUEUE_TIME_METRIC
+from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.settings import OperatorDefaults
+from recserve_operator.spec import parse_spec
 
 from recserve_cluster import addons, images, tools
 from recserve_cluster import nodeconfig as nc
 from recserve_cluster.nodes import DEFAULT_NODES, build_node
 
+ROOT = Path(__file__).resolve().parents[3]
 CERT = addons.ServingCert("-----CA-----\n", "-----CERT-----\n", "-----KEY-----\n")
 OBJECTS = addons.all_objects(CERT, CERT)
 
@@ -110,22 +114,75 @@ def test_the_operator_starts_the_config_reloader_image_it_is_given() -> None:
     assert not any(a.startswith("--kubelet-service") for a in args)
 
 
+def test_the_adapter_config_is_the_charts_rule_file() -> None:
+    assert addons.ADAPTER_RULES_FILE == ROOT / "charts" / "recserve" / "files" / "prometheus-adapter-rules.yaml"
+    config = yaml.safe_load(addons.ADAPTER_RULES_FILE.read_text())
+    assert addons.adapter_config() == config
+    # Custom metrics only: metrics-server serves resource metrics, nothing here serves external ones.
+    assert list(config) == ["rules"]
+    assert [set(r) for r in config["rules"]] == [{"seriesQuery", "resources", "name", "metricsQuery"}]
+
+
 def test_the_queue_time_rule_serves_the_metric_the_hpa_asks_for_per_pod() -> None:
     rule = addons.queue_time_rule()
     assert rule["name"]["as"] == QUEUE_TIME_METRIC
-    assert re.match(rule["name"]["matches"], "nv_inference_queue_duration_us")
-    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
-    query = rule["metricsQuery"]
-    assert "rate(nv_inference_queue_duration_us{<<.LabelMatchers>>}[1m])" in query
-    assert "rate(nv_inference_request_success{<<.LabelMatchers>>}[1m])" in query
-    assert query.count("by (<<.GroupBy>>)") == 2
-    assert addons.adapter_config() == {"rules": [rule]}
+    assert re.fullmatch(rule["name"]["matches"], "nv_inference_queue_duration_us")
+    # The adapter serves a pods metric only for a rule that maps both the namespace and the pod label.
+    assert rule["resources"] == {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}}
+    query = " ".join(rule["metricsQuery"].split())
+    # Average queue time per request over a short window: the two counters' rates, summed per pod, divided.
+    queued = 'sum by (<<.GroupBy>>) (rate(nv_inference_queue_duration_us{<<.LabelMatchers>>,revision!=""}[1m]))'
+    served = 'sum by (<<.GroupBy>>) (rate(nv_inference_request_success{<<.LabelMatchers>>,revision!=""}[1m]))'
+    assert query == f"{queued} / clamp_min({served}, 1e-9)"
+    # Only fields of the adapter's query template (prometheus-adapter docs/config.md, "Querying").
+    assert set(re.findall(r"<<\s*(\S+?)\s*>>", rule["metricsQuery"])) <= {".Series", ".LabelMatchers", ".GroupBy"}
 
 
-def test_the_adapter_ships_the_config_and_reads_the_prometheus_service() -> None:
+def _selectors(promql: str) -> list[tuple[str, str, str]]:
+    """(metric, label, operator) of every label matcher in a PromQL expression with `{...}` selectors."""
+    out = []
+    for metric, body in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", promql):
+        for label, op in re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"[^"]*"', body):
+            out.append((metric, label, op))
+    return out
+
+
+def _servicemonitor_series_labels() -> set[str]:
+    """The labels a Triton series scraped through the operator's ServiceMonitor carries.
+
+    Prometheus Operator's generated scrape config sets namespace, service, pod, container, endpoint and job on
+    every ServiceMonitor target, Prometheus adds instance, the endpoint's relabelings add their target labels,
+    and Triton's per-model counters carry model and version.
+    """
+    spec = parse_spec(yaml.safe_load((ROOT / "examples/ctr-dnn/cpu-only.yaml").read_text())["spec"])
+    monitor = build_servicemonitor(spec, Ids(name="ctr", namespace="shop", uid="u", revision="r1"))
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert "targetLabels" not in monitor["spec"] and "podTargetLabels" not in monitor["spec"]
+    relabeled = {r["targetLabel"] for r in endpoint["relabelings"]}
+    return {"namespace", "service", "pod", "container", "endpoint", "job", "instance", "model", "version"} | relabeled
+
+
+def test_the_rule_selects_only_labels_the_servicemonitor_yields() -> None:
+    rule = addons.queue_time_rule()
+    # What the adapter substitutes for a request about two pods of one namespace.
+    query = rule["metricsQuery"].replace("<<.LabelMatchers>>", 'namespace="shop",pod=~"ctr-r1-a|ctr-r1-b"')
+    query = query.replace("<<.GroupBy>>", "pod")
+    series, queried = _selectors(rule["seriesQuery"]), _selectors(query)
+    assert {m for m, _, _ in series} == {"nv_inference_queue_duration_us"}
+    assert {m for m, _, _ in queried} == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
+    produced = _servicemonitor_series_labels()
+    used = {label for _, label, _ in series + queried} | set(rule["resources"]["overrides"])
+    assert used <= produced, f"labels the ServiceMonitor never yields: {sorted(used - produced)}"
+    # Only series the RecServe ServiceMonitor scraped (the revision it relabels), per namespace and pod.
+    assert {SERIES_REVISION_LABEL, "namespace", "pod"} <= {label for _, label, _ in series}
+    assert SERIES_REVISION_LABEL in {label for _, label, _ in queried}
+
+
+def test_the_adapter_mounts_the_chart_file_verbatim_and_reads_the_prometheus_service() -> None:
     cm = _by("ConfigMap", "prometheus-adapter")
-    assert yaml.safe_load(cm["data"]["config.yaml"]) == addons.adapter_config()
+    assert cm["data"]["config.yaml"] == addons.ADAPTER_RULES_FILE.read_text()
     assert f"--prometheus-url={addons.PROMETHEUS_URL}/" in _args("prometheus-adapter")
+    assert "--config=/etc/adapter/config.yaml" in _args("prometheus-adapter")
 
 
 @pytest.mark.parametrize(("apiservice", "service", "namespace"), [

@@ -67,6 +67,11 @@ class NodePaths:
         return self.root.parent / "containerd-root"
 
     @property
+    def volumes(self) -> Path:
+        # hostPath PersistentVolumes of the tests and the demo (recserve_cluster.volumes): gone with the node.
+        return self.root / "volumes"
+
+    @property
     def containerd_state(self) -> Path:
         return self.root / "containerd-state"
 

@@ -1,9 +1,11 @@
 """The local demo: cluster, chart, operator, a trained CTR model served by Triton, then a canary to promotion.
 
-Everything runs on this machine. The control plane is real (kwok simulates the nodes, so pods do not run);
-this script plays the nodes' part for the data plane: it runs each revision's init step (model_repo_builder,
-with the arguments the operator put in the Deployment) and its Triton locally, and a local nginx follows the
-operator's router ConfigMap. The operator decides the rollout from real Prometheus metrics of those Tritons.
+Everything runs in the cluster, on real pods on the node real-0: the chart's operator Deployment, each
+revision's builder init container (it converts the Keras model it reads from a PersistentVolumeClaim and
+checks parity) and Triton, the builtin router's nginx pods, and Prometheus (through Prometheus Operator)
+scraping what the operator's ServiceMonitor selects. The operator decides every canary step from those
+series. Shoppers' requests come from this machine through `kubectl proxy` (a port bound to 127.0.0.1) and
+the API server's Service proxy to the router Service.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +28,7 @@ import numpy as np
 import requests
 import yaml
 
+from . import nodeconfig as nc
 from .cluster import Cluster, get_provider
 from .errors import ClusterError
 from .waiting import wait_for
@@ -36,6 +40,9 @@ MODEL = "ctr-dnn"
 RELEASE = "recserve"
 SYSTEM_NS = "recserve-system"
 PY = sys.executable
+CLAIM = "models"
+NODE = os.environ.get("RECSERVE_REAL_NODE_NAME", nc.NODE_NAME)
+GPU_PRODUCT = nc.REAL_NODE.gpu_product
 
 
 def say(msg: str) -> None:
@@ -50,41 +57,57 @@ def _json(cluster: Cluster, *args: str) -> Any:
     return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
 
 
+def placement() -> dict[str, Any]:
+    """Pods the demo needs running go to the real node (kwok's nodes are simulated and run nothing)."""
+    return {"nodeSelector": {"kubernetes.io/hostname": NODE},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+
+
+def chart_values() -> dict[str, Any]:
+    from .images import operator_image
+
+    repository, tag = operator_image().rsplit(":", 1)
+    return {"image": {"repository": repository, "tag": tag}, "watchNamespaces": [NAMESPACE], **placement(),
+            "defaults": {"resyncSeconds": 2, "routerNodeSelector": placement()["nodeSelector"],
+                         "routerTolerations": placement()["tolerations"]}}
+
+
 def install_chart(cluster: Cluster) -> None:
     say("Installing the RecServe Helm chart (CRD, RBAC, operator Deployment)")
     # Namespaced mode: the chart's Role/RoleBinding go into the watched namespace, which must exist first.
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
                                                                 "metadata": {"name": NAMESPACE}}))
+    values = WORK / "values.yaml"
+    values.write_text(yaml.safe_dump(chart_values()))
     helm = str(cluster.bins["helm"])
     cmd = [helm, "upgrade", "--install", RELEASE, str(ROOT / "charts" / "recserve"), "-n", SYSTEM_NS,
-           "--create-namespace", "--set", f"watchNamespaces={{{NAMESPACE}}}", "--wait", "--timeout", "3m"]
+           "--create-namespace", "--values", str(values), "--wait", "--timeout", "4m"]
     out = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True)
     if out.returncode != 0:
         raise ClusterError(f"helm install failed: {out.stderr.strip()}")
+    pod = _json(cluster, "get", "pods", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/name=recserve")["items"][0]
     info("helm release 'recserve' deployed; CRD recommendermodels.recserve.dev registered")
+    info(f"operator pod {pod['metadata']['name']} Running on {pod['spec']['nodeName']}")
 
 
 @contextlib.contextmanager
-def operator_process(cluster: Cluster, prometheus_url: str) -> Iterator[Path]:
-    """The operator runs here as a process (the in-cluster pod is simulated by kwok and does nothing)."""
-    from model_repo_builder.triton_local import free_port
-
-    log = WORK / "operator.log"
-    env = {**cluster.env, "RECSERVE_PROMETHEUS_URL": prometheus_url, "RECSERVE_METRICS_PORT": str(free_port()),
-           "RECSERVE_WATCH_NAMESPACES": NAMESPACE, "RECSERVE_RESYNC_SECONDS": "2"}
-    with log.open("w") as fh:
-        cmd = [str(Path(PY).parent / "kopf"), "run", "--standalone", "-m", "recserve_operator.handlers",
-               "--namespace", NAMESPACE]
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        info(f"operator running (pid {proc.pid}), log: {log}")
+def kubectl_proxy(cluster: Cluster) -> Iterator[str]:
+    """`kubectl proxy` on 127.0.0.1: the router Service through the API server, as a user on this machine."""
+    proc = subprocess.Popen([cluster.kubectl_path, "--kubeconfig", str(cluster.kubeconfig), "proxy", "--port=0",
+                             "--address=127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "Starting to serve on 127.0.0.1:PORT"
+        if "127.0.0.1:" not in line:
+            raise ClusterError(f"kubectl proxy did not start: {line.strip()}")
+        yield f"http://{line.strip().rsplit(' ', 1)[-1]}"
+    finally:
+        proc.terminate()
         try:
-            yield log
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def train(version: int, variant: str) -> Path:
@@ -99,24 +122,24 @@ def train(version: int, variant: str) -> Path:
     return model
 
 
-def recommender_model(model_path: Path, version: int, prometheus_url: str) -> dict[str, Any]:
+def recommender_model(version: int) -> dict[str, Any]:
     return {
         "apiVersion": "recserve.dev/v1alpha1",
         "kind": "RecommenderModel",
         "metadata": {"name": MODEL, "namespace": NAMESPACE},
         "spec": {
-            "model": {"uri": model_path.as_uri(), "format": "keras", "version": version},
+            "model": {"uri": f"pvc://{CLAIM}/{MODEL}/{version}/model.keras", "format": "keras", "version": version},
             "optimize": {"backend": "onnxruntime", "precision": "fp32"},
             "serving": {"maxBatchSize": 1024, "replicas": 1,
                         "dynamicBatching": {"preferredBatchSizes": [200], "maxQueueDelayMicroseconds": 1000},
                         "instances": {"kind": "GPU", "count": 1},
-                        "resources": {"gpu": 1, "cpu": "2", "memory": "4Gi"}, "gpuProduct": "NVIDIA-A10G"},
+                        "resources": {"gpu": 1, "cpu": "400m", "memory": "3Gi"}, "gpuProduct": GPU_PRODUCT},
             "rollout": {
                 "strategy": "canary",
-                "steps": [{"weight": 20, "pause": "15s"}, {"weight": 50, "pause": "15s"}],
+                # Prometheus scrapes every 15s: each analysis window holds at least two samples.
+                "steps": [{"weight": 20, "pause": "30s"}, {"weight": 50, "pause": "30s"}],
                 "routing": {"provider": "builtin", "stickyHeader": "x-user-id"},
-                "analysis": {"interval": "5s", "prometheus": prometheus_url, "maxErrorRate": 0.01,
-                             "maxP99LatencyMs": 2000, "minRequests": 10},
+                "analysis": {"interval": "30s", "maxErrorRate": 0.01, "maxP99LatencyMs": 2000, "minRequests": 10},
             },
         },
     }
@@ -124,58 +147,6 @@ def recommender_model(model_path: Path, version: int, prometheus_url: str) -> di
 
 def status(cluster: Cluster) -> dict[str, Any]:
     return _json(cluster, "get", "recommendermodel", MODEL, "-n", NAMESPACE).get("status") or {}
-
-
-def local_config(pbtxt: str) -> str:
-    """The operator's config with the local runtime swapped in, everything else (batching, warmup) kept.
-
-    The local Triton (nvidia-pytriton) has no native onnxruntime backend and there is no GPU: its python
-    backend runs the same ONNX model with ONNX Runtime on the CPU.
-    """
-    from dataclasses import replace
-
-    from model_repo_builder.config import build_model_config, options_from_config, parse_pbtxt, to_pbtxt
-
-    cfg = parse_pbtxt(pbtxt)
-    options = options_from_config(cfg)
-    local = replace(options, backend="python", instance_kind="CPU", gpus=(), tensorrt_accelerator=False)
-    return to_pbtxt(build_model_config(cfg.name, local))
-
-
-def revision_build_command(cluster: Cluster, namespace: str, model: str, revision: str,
-                           rev_dir: Path) -> tuple[list[str], Path]:
-    """The revision's init container args rewritten for a local build under rev_dir: same builder, same args,
-    local paths and the CPU runtime. Returns (builder args, the repository they build)."""
-    deploy = _json(cluster, "get", "deployment", f"{model}-{revision}", "-n", namespace)
-    init = deploy["spec"]["template"]["spec"]["initContainers"][0]
-    cm = _json(cluster, "get", "configmap", f"{model}-{revision}", "-n", namespace)
-    rev_dir.mkdir(parents=True, exist_ok=True)
-    (rev_dir / "config.pbtxt").write_text(local_config(cm["data"]["config.pbtxt"]))
-    repo = rev_dir / "models"
-    args = [a.replace("/config/config.pbtxt", str(rev_dir / "config.pbtxt")) for a in init["args"]]
-    args[args.index("--repo") + 1] = str(repo)
-    args[args.index("--backend") + 1] = "python"
-    args += ["--overwrite"]
-    return args, repo
-
-
-def run_builder(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`python -m model_repo_builder ARGS`; the builder's JSON report, or ClusterError with its stderr."""
-    out = subprocess.run([PY, "-m", "model_repo_builder", *args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise ClusterError(f"model build failed (exit {out.returncode}): {out.stderr.strip()[-1500:]}")
-    report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return report
-
-
-def local_build(cluster: Cluster, revision: str) -> Path:
-    """Run the revision's init container command locally: same builder, same args, local paths and CPU runtime."""
-    args, repo = revision_build_command(cluster, NAMESPACE, MODEL, revision, WORK / "revisions" / revision)
-    say(f"Init step of revision {revision}: model-repo-builder {' '.join(args[:3])} ... (convert, parity, config)")
-    report = run_builder(args)
-    parity = report.get("parity") or {}
-    info(f"built {repo}; parity max abs error {parity.get('max_abs_error', parity)}")
-    return repo
 
 
 class Load:
@@ -220,17 +191,34 @@ def print_recommendations(url: str, data: Any, users: list[int]) -> None:
                  f"price {r.price:7.2f}  true click prob {r.true_click_prob:.3f}")
 
 
+def upload(cluster: Cluster, version: int, model: Path) -> None:
+    from . import volumes
+
+    volumes.upload(cluster, NAMESPACE, CLAIM, NODE, {f"{MODEL}/{version}/model.keras": model})
+    info(f"model version {version} copied into PersistentVolumeClaim {NAMESPACE}/{CLAIM} on {NODE}")
+
+
+def describe_revision(cluster: Cluster, revision: str) -> None:
+    """What the revision's pod did: the builder init container's report and where Triton runs."""
+    pods = _json(cluster, "get", "pods", "-n", NAMESPACE, "-l", f"recserve.dev/revision={revision}")["items"]
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        logs = cluster.kubectl("logs", name, "-n", NAMESPACE, "-c", "model-repo-builder", check=False).stdout
+        report: dict[str, Any] = {}
+        with contextlib.suppress(ValueError, IndexError):
+            report = json.loads(logs.strip().splitlines()[-1])
+        parity = report.get("parity") or {}
+        info(f"pod {name} on {pod['spec']['nodeName']}: init container model-repo-builder converted the model "
+             f"(parity max abs error {parity.get('max_abs_error', '?')}), Triton serving")
+
+
 def run(keep_serving: bool) -> int:
-    from model_repo_builder.triton_local import TritonServer, free_ports
-
-    from .dataplane import Nginx, Prometheus, RouterSync
-
     started = time.monotonic()
     WORK.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "examples" / "ctr-dnn"))
     sys.path.insert(0, str(ROOT / "examples"))
 
-    say("Starting the local Kubernetes control plane (kube-apiserver, etcd, controllers, kwok GPU nodes)")
+    say("Starting the local Kubernetes cluster (kube-apiserver, etcd, controllers, kwok GPU nodes, real node real-0)")
     cluster = get_provider().up()
     info(f"kubeconfig: {cluster.kubeconfig}")
     install_chart(cluster)
@@ -242,76 +230,48 @@ def run(keep_serving: bool) -> int:
     in_name = json.loads((v1.parent / "feature_spec.json").read_text())["input_name"]
 
     with contextlib.ExitStack() as stack:
-        prom_port, nginx_port = free_ports(2)
-        targets = WORK / "prometheus" / "targets.json"
-        targets.parent.mkdir(parents=True, exist_ok=True)
-        targets.write_text("[]")
-        prom_cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "scrape_configs": [{"job_name": "triton", "scrape_interval": "1s",
-                                        "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}]}]}
-        say("Starting Prometheus (Debian's) to scrape the Triton revisions")
-        prometheus = Prometheus(WORK / "prometheus", prom_port, prom_cfg)
-        stack.callback(prometheus.stop)
-        stack.enter_context(operator_process(cluster, prometheus.url))
-
         # A re-run starts the story from version 1: remove what an earlier run left, children first (foreground
         # deletion returns only once garbage collection has removed every owned object).
         cluster.kubectl("delete", "recommendermodel", MODEL, "-n", NAMESPACE, "--ignore-not-found",
                         "--cascade=foreground", "--wait=true", "--timeout=120s", timeout=150)
+        upload(cluster, 1, v1)
         say(f"Applying RecommenderModel {NAMESPACE}/{MODEL} (canary strategy, builtin router)")
         cluster.kubectl("apply", "--server-side", "--field-manager=demo", "-f", "-",
-                        input=yaml.safe_dump(recommender_model(v1, 1, prometheus.url)))
-        st = wait_for(lambda: (s := status(cluster)).get("phase") == "Ready" and s, 180, 2, "RecommenderModel Ready")
+                        input=yaml.safe_dump(recommender_model(1)))
+        st = wait_for(lambda: (s := status(cluster)).get("phase") == "Ready" and s, 600, 2, "RecommenderModel Ready")
         stable = st["stable"]["revision"]
-        info(f"Ready: stable revision {stable} scheduled on an NVIDIA-A10G node")
+        info(f"Ready in {time.monotonic() - started:.0f}s: stable revision {stable} on an {GPU_PRODUCT} node")
+        describe_revision(cluster, stable)
         print(cluster.kubectl("get", "recommendermodels", "-n", NAMESPACE).stdout, flush=True)
 
-        tritons: dict[str, Any] = {}
-        nginx_dir = WORK / "nginx"
-        nginx_dir.mkdir(exist_ok=True)
-        nginx = Nginx(nginx_dir, nginx_port)
-        stack.callback(nginx.stop)
-        router = RouterSync(cluster.kubectl, NAMESPACE, f"{MODEL}-router", nginx)
-
-        def serve(revision: str) -> None:
-            repo = local_build(cluster, revision)
-            http, grpc, metrics = free_ports(3)
-            triton = TritonServer(repo, http, grpc, metrics, log_path=WORK / "revisions" / revision / "triton.log",
-                                  extra_args=["--metrics-config=summary_latencies=true"])
-            triton.start()
-            stack.callback(triton.stop)
-            tritons[revision] = triton
-            router.addresses[revision] = f"127.0.0.1:{http}"
-            scrape = [{"targets": [f"127.0.0.1:{t.metrics_port}"], "labels": {"revision": r, "model": MODEL}}
-                      for r, t in tritons.items()]
-            targets.write_text(json.dumps(scrape))
-            info(f"revision {revision} serving on Triton http://127.0.0.1:{http} (metrics :{metrics})")
-
-        serve(stable)
-        wait_for(router.sync, 60, 1, "the local router to follow the operator's plan")
-        info(f"router (Debian's nginx, config rendered from the operator's plan) on {nginx.url}")
+        proxy = stack.enter_context(kubectl_proxy(cluster))
+        url = f"{proxy}/api/v1/namespaces/{NAMESPACE}/services/{MODEL}-router:http/proxy"
+        wait_for(lambda: requests.get(f"{url}/v2/models/{MODEL}/ready", timeout=5).status_code == 200, 120, 1,
+                 "the router to serve the model")
+        info(f"router: {st['endpoints']['http']} (here through kubectl proxy on {proxy})")
 
         say("Top-5 recommendations through the router, from the stable model")
-        print_recommendations(nginx.url, data, [3, 42, 977])
+        print_recommendations(url, data, [3, 42, 977])
 
-        load = Load(nginx.url, data, in_name)
+        load = Load(url, data, in_name)
         load.thread.start()
         stack.callback(load.stop.set)
 
         v2 = train(2, "wide")
+        upload(cluster, 2, v2)
         say("Applying model version 2 as a canary")
         cluster.kubectl("apply", "--server-side", "--field-manager=demo", "-f", "-",
-                        input=yaml.safe_dump(recommender_model(v2, 2, prometheus.url)))
+                        input=yaml.safe_dump(recommender_model(2)))
         canary = wait_for(lambda: ((status(cluster).get("canary") or {}).get("revision") or "").replace(stable, "")
                           or None, 120, 1, "the operator to create the canary revision")
-        serve(canary)
+        info(f"canary revision {canary}: its pod builds version 2 in the init container, then Triton loads it")
 
         say("Canary progressing: the operator moves traffic while Prometheus shows it healthy")
         seen: tuple[Any, ...] = ()
-        deadline = time.monotonic() + 300
+        rollout_started = time.monotonic()
+        deadline = rollout_started + 600
         result = ""
         while time.monotonic() < deadline:
-            router.sync()
             st = status(cluster)
             c = st.get("canary") or {}
             conds = {x["type"]: x for x in st.get("conditions", [])}
@@ -329,23 +289,43 @@ def run(keep_serving: bool) -> int:
                 result = "RolledBack"
                 break
             load.stop.wait(1)
-        router.sync()
         if not result:
-            raise ClusterError(f"the canary did not finish within 5 minutes; see {WORK / 'operator.log'}")
-        say(f"Canary {result}: stable revision is now {status(cluster)['stable']['revision']}")
+            raise ClusterError("the canary did not finish within 10 minutes; see `kubectl logs -n "
+                               f"{SYSTEM_NS} deploy/{RELEASE}`")
+        # The old revision drains once the router pods serve the final plan: keep the load on through it.
+        old = stable if result == "Promoted" else canary
+        wait_for(lambda: not _json(cluster, "get", "deployments", "-n", NAMESPACE, "-l",
+                                   f"recserve.dev/revision={old}")["items"], 180, 2, f"revision {old} to drain")
+        load.stop.set()
+        load.thread.join(timeout=15)
+        say(f"Canary {result} in {time.monotonic() - rollout_started:.0f}s: stable revision is now "
+            f"{status(cluster)['stable']['revision']}")
         print(cluster.kubectl("get", "recommendermodels", "-n", NAMESPACE).stdout, flush=True)
         events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
                                  f"involvedObject.name={MODEL}", "--sort-by=.lastTimestamp").stdout
         print("\n".join(events.splitlines()[-8:]), flush=True)
         say("Top-5 recommendations from the promoted model")
-        print_recommendations(nginx.url, data, [3, 42])
+        print_recommendations(url, data, [3, 42])
         info(f"requests served during the rollout: {dict(load.by_variant)}, errors: {load.errors}")
         say(f"Demo finished in {time.monotonic() - started:.0f}s. `make demo-down` removes everything.")
         if keep_serving:
-            info(f"serving on {nginx.url} until Ctrl-C")
+            info(f"serving on {url} until Ctrl-C")
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
-        return 0 if result == "Promoted" else 1
+        return 0 if result == "Promoted" and load.errors == 0 else 1
+
+
+def clean(cluster: Cluster) -> None:
+    """Remove what the demo created in a cluster it shares (tests): model, release, volume, namespace."""
+    from . import volumes
+
+    cluster.kubectl("delete", "recommendermodel", MODEL, "-n", NAMESPACE, "--ignore-not-found", "--wait=true",
+                    "--timeout=120s", check=False, timeout=150)
+    subprocess.run([str(cluster.bins["helm"]), "uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", "--timeout", "2m"],
+                   env=cluster.env, capture_output=True, text=True, timeout=180)
+    volumes.remove(cluster, NAMESPACE, CLAIM, NODE)
+    for ns in (NAMESPACE, SYSTEM_NS):
+        cluster.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false", check=False)
 
 
 def down() -> int:
@@ -356,8 +336,10 @@ def down() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recserve_cluster.demo", description=__doc__)
     parser.add_argument("cmd", choices=["up", "down"], nargs="?", default="up")
-    parser.add_argument("--keep-serving", action="store_true", help="keep Triton/nginx running after the story")
+    parser.add_argument("--keep-serving", action="store_true", help="keep the router reachable after the story")
     args = parser.parse_args(argv)
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so kubectl proxy and the load thread stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(args.keep_serving) if args.cmd == "up" else down()
     except (ClusterError, TimeoutError, subprocess.CalledProcessError) as exc:

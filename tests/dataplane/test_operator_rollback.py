@@ -22,8 +22,7 @@ from recserve_operator.spec import parse_spec, revision_of
 
 from model_repo_builder.triton_local import TritonServer, free_ports
 from recserve_cluster.cluster import Cluster
-from recserve_cluster.dataplane import Nginx, Prometheus, RouterSync
-from recserve_cluster.demo import revision_build_command, run_builder
+from recserve_cluster.dataplane import Nginx, Prometheus, RouterSync, revision_build_command, run_builder
 from tests.helpers import wait_for
 from tests.integration.conftest_operator import (
     OperatorProcess,

@@ -68,6 +68,8 @@ def chart_values() -> dict[str, Any]:
 
     repository, tag = operator_image().rsplit(":", 1)
     return {"image": {"repository": repository, "tag": tag}, "watchNamespaces": [NAMESPACE], **placement(),
+            # The operator's own metrics (reconciles, API writes, rollouts) for the dashboard's operator panels.
+            "metrics": {"service": {"enabled": True}, "serviceMonitor": {"enabled": True, "interval": "15s"}},
             "defaults": {"resyncSeconds": 2, "routerNodeSelector": placement()["nodeSelector"],
                          "routerTolerations": placement()["tolerations"]}}
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from recserve_cluster import nodeconfig as nc
 from recserve_cluster.cluster import Cluster
@@ -57,3 +60,38 @@ def installed_platform(cluster: Cluster, tmp: Path, prefix: str) -> Iterator[str
                        env=cluster.env)
         for n in (ns, system):
             cluster.kubectl("delete", "namespace", n, "--wait=false", "--ignore-not-found", check=False)
+
+
+PROMETHEUS = ("monitoring", "prometheus", 9090)
+DASHBOARD = ROOT / "charts" / "recserve" / "dashboards" / "recserve-overview.json"
+
+
+def prometheus_query(cluster: Cluster, query: str) -> list[dict[str, Any]]:
+    """An instant query against the in-cluster Prometheus, through the API server's Service proxy."""
+    ns, svc, port = PROMETHEUS
+    path = f"/api/v1/namespaces/{ns}/services/{svc}:{port}/proxy/api/v1/query?" + urlencode({"query": query})
+    out = cluster.kubectl("get", "--raw", path, check=False)
+    if out.returncode != 0:
+        raise AssertionError(f"Prometheus refused {query!r}: {out.stderr.strip()[-500:]}")
+    result: list[dict[str, Any]] = json.loads(out.stdout)["data"]["result"]
+    return result
+
+
+def dashboard_queries(namespace: str, model: str, rate_interval: str = "2m") -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of the chart's dashboard, with Grafana's variables filled in the
+    way Grafana would for one namespace and model: template variables from their defaults, $__rate_interval
+    as a window that holds several scrapes."""
+    board = json.loads(DASHBOARD.read_text())
+    # Kubernetes names have no regex metacharacters but ".", which matches itself too.
+    values: dict[str, str] = {"namespace": namespace, "model": model, "revision": ".*",
+                              "__rate_interval": rate_interval}
+    for var in board.get("templating", {}).get("list", []):
+        if var.get("type") in ("constant", "textbox", "custom") and var["name"] not in values:
+            current = (var.get("current") or {}).get("value") or var.get("query")
+            values[var["name"]] = str(current)
+
+    def fill(expr: str) -> str:
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), expr)
+
+    return [(panel["title"], fill(t["expr"])) for panel in board["panels"] for t in panel.get("targets", [])
+            if t.get("expr")]

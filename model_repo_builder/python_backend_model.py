@@ -39,8 +39,9 @@ class TritonPythonModel:
         try:
             results = self.session.run([n for n, _ in self.outputs], feeds)
         except Exception as exc:
-            err = pb_utils.TritonError(f"ONNX Runtime failed: {exc}")
-            return [pb_utils.InferenceResponse(output_tensors=[], error=err) for _ in requests]
+            # Raised: Triton counts only a raised execute() in nv_inference_request_failure; error responses
+            # would count as successes and hide a failing model from the rollout analysis.
+            raise pb_utils.TritonModelException(f"ONNX Runtime failed: {exc}") from None
         responses, start = [], 0
         for size in sizes:
             tensors = [

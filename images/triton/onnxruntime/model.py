@@ -150,7 +150,10 @@ class TritonPythonModel:
             else:
                 results = [self._response(self._run(f)) for f in feeds]
         except Exception as exc:  # an ONNX Runtime failure fails these requests, not the model
-            results = [_error_response(f"model {self.name}: ONNX Runtime failed: {exc}") for _ in feeds]
+            # Raised, not returned as error responses: Triton's python backend counts only a raised execute()
+            # in nv_inference_request_failure (reason BACKEND), as the onnxruntime backend counts a failed Run;
+            # error responses count as successes, and the canary analysis would see a failing model as healthy.
+            raise pb_utils.TritonModelException(f"model {self.name}: ONNX Runtime failed: {exc}") from None
         for (i, _), response in zip(ready, results, strict=True):
             responses[i] = response
         return responses

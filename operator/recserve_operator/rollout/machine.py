@@ -237,7 +237,10 @@ def _record_analysis(state: RolloutState, obs: Observation, now: datetime, decis
 
 def _record_ab(state: RolloutState, verdict: AbVerdict | None, winner: str | None, now: datetime) -> RolloutState:
     if verdict is None:
-        return state
+        # No look in this reconcile: keep the last look's evidence, and still record a verdict given now.
+        if winner is None or state.ab is None:
+            return state
+        return state.evolve(ab=replace(state.ab, winner=winner, decided_at=now))
     stable_rev, cand_rev = state.stable_revision or "", state.revision or ""
     ab = AbStatus(
         variants=(
@@ -359,6 +362,15 @@ def _canary_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, n
                     _requeue(policy, new, now))  # fmt: skip
 
 
+def _last_look(state: RolloutState) -> str:
+    """The evidence of the last A/B look, for a test that ends at maxDuration between two looks."""
+    ab = state.ab
+    if ab is None or ab.sequential_p_value is None or not ab.variants:
+        return "no A/B measurements"
+    fewest = min(v.impressions for v in ab.variants)
+    return f"last look: sequential p={ab.sequential_p_value:.3g} with at least {fewest} impressions per variant"
+
+
 def _ab_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime) -> Decision:
     ab = policy.analysis.ab_test
     verdict = obs.ab
@@ -371,7 +383,7 @@ def _ab_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: 
         return _end(new, Phase.ROLLED_BACK, f"A/B test: {verdict.reason}; keeping stable", now)
     if _seconds_since(state.started_at, now) >= max_duration:
         new = _record_analysis(_record_ab(state, verdict, "none", now), obs, now, "rollback")
-        why = verdict.reason if verdict is not None else "no A/B measurements"
+        why = verdict.reason if verdict is not None else _last_look(state)
         return _end(new, Phase.ROLLED_BACK, f"A/B test: no significant difference after maxDuration ({why}); "
                     "keeping stable", now)  # fmt: skip
     why = verdict.reason if verdict is not None else "no A/B measurements yet"

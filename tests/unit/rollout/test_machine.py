@@ -207,6 +207,18 @@ def test_no_difference_at_max_duration_says_so() -> None:
     assert d.state.to_status()["abTest"]["winner"] == "none"
 
 
+def test_a_test_ending_at_max_duration_between_looks_reports_the_last_look() -> None:
+    """maxDuration may pass in a reconcile that takes no measurement: the reason then carries the evidence of
+    the last look, not "no A/B measurements" (which a real A/A run on pods showed)."""
+    looked = next_step(AB, at_step(0, 50), obs(analysis=None, ab=verdict(AbDecision.CONTINUE)), at(3600)).state
+    assert looked.ab is not None and looked.ab.sequential_p_value is not None
+    d = next_step(AB, looked, obs(analysis=None, ab=None), at(86400))
+    assert d.action is Action.ROLL_BACK and d.state.to_status()["abTest"]["winner"] == "none"
+    assert "last look: sequential p=" in d.reason and "no A/B measurements" not in d.reason, d.reason
+    never = next_step(AB, at_step(0, 50), obs(analysis=None, ab=None), at(86400))
+    assert "no A/B measurements" in never.reason
+
+
 def test_manual_actions_report_that_they_were_handled() -> None:
     d = next_step(CANARY, at_step(0, 10), obs(action=ManualAction.ABORT), at(1))
     assert d.handled_action is ManualAction.ABORT

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +22,6 @@ from recserve_operator.metrics.prometheus import PrometheusProvider
 from recserve_operator.routers.builtin import render_local_nginx_conf
 from recserve_operator.routers.plan import TrafficPlan
 
-from .errors import ClusterError
 from .waiting import wait_for
 
 T = TypeVar("T")
@@ -176,79 +173,3 @@ class Prometheus:
             self.proc.kill()
             self.proc.wait(timeout=5)
         self.log.close()
-
-
-class RouterSync:
-    """Follows the operator's builtin-router ConfigMap (plan.json) and applies it to a local nginx.
-
-    This is what the router pods do in a cluster; locally each revision's Service is a local Triton, so
-    `addresses` maps revision -> host:port. A plan naming a revision with no local address yet is held back:
-    traffic never goes to a revision that is not serving here.
-    """
-
-    def __init__(self, kubectl: Callable[..., Any], namespace: str, configmap: str, nginx: Nginx) -> None:
-        self.kubectl = kubectl
-        self.namespace = namespace
-        self.configmap = configmap
-        self.nginx = nginx
-        self.addresses: dict[str, str] = {}
-
-    def current_plan(self) -> TrafficPlan | None:
-        out = self.kubectl("get", "configmap", self.configmap, "-n", self.namespace, "-o", "json", check=False)
-        if out.returncode != 0:
-            return None
-        data = json.loads(out.stdout).get("data") or {}
-        return TrafficPlan.from_dict(json.loads(data["plan.json"])) if "plan.json" in data else None
-
-    def sync(self) -> TrafficPlan | None:
-        """Apply the current plan if every revision in it is served locally; returns the plan in effect."""
-        plan = self.current_plan()
-        if plan is not None and all(b.revision in self.addresses for b in plan.backends):
-            self.nginx.apply(plan, self.addresses)
-        return self.nginx.plan
-
-
-def local_config(pbtxt: str) -> str:
-    """The operator's config with the local runtime swapped in, everything else (batching, warmup) kept.
-
-    The local Triton (nvidia-pytriton) has no native onnxruntime backend and there is no GPU: its python
-    backend runs the same ONNX model with ONNX Runtime on the CPU.
-    """
-    from dataclasses import replace
-
-    from model_repo_builder.config import build_model_config, options_from_config, parse_pbtxt, to_pbtxt
-
-    cfg = parse_pbtxt(pbtxt)
-    options = options_from_config(cfg)
-    local = replace(options, backend="python", instance_kind="CPU", gpus=(), tensorrt_accelerator=False)
-    return to_pbtxt(build_model_config(cfg.name, local))
-
-
-def revision_build_command(cluster: Any, namespace: str, model: str, revision: str,
-                           rev_dir: Path) -> tuple[list[str], Path]:
-    """The revision's init container args rewritten for a local build under rev_dir: same builder, same args,
-    local paths and the CPU runtime. Returns (builder args, the repository they build)."""
-    deploy = _kjson(cluster, "get", "deployment", f"{model}-{revision}", "-n", namespace)
-    init = deploy["spec"]["template"]["spec"]["initContainers"][0]
-    cm = _kjson(cluster, "get", "configmap", f"{model}-{revision}", "-n", namespace)
-    rev_dir.mkdir(parents=True, exist_ok=True)
-    (rev_dir / "config.pbtxt").write_text(local_config(cm["data"]["config.pbtxt"]))
-    repo = rev_dir / "models"
-    args = [a.replace("/config/config.pbtxt", str(rev_dir / "config.pbtxt")) for a in init["args"]]
-    args[args.index("--repo") + 1] = str(repo)
-    args[args.index("--backend") + 1] = "python"
-    args += ["--overwrite"]
-    return args, repo
-
-
-def run_builder(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`python -m model_repo_builder ARGS`; the builder's JSON report, or ClusterError with its stderr."""
-    out = subprocess.run([sys.executable, "-m", "model_repo_builder", *args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise ClusterError(f"model build failed (exit {out.returncode}): {out.stderr.strip()[-1500:]}")
-    report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return report
-
-
-def _kjson(cluster: Any, *args: str) -> Any:
-    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)

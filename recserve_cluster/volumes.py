@@ -46,10 +46,10 @@ def _key(path: str) -> str:
     return path.replace("/", "__")
 
 
-def claim_objects(namespace: str, claim: str, node: str, root: str, size: str = "1Gi") -> list[dict[str, Any]]:
-    """The PV (hostPath under `root` on `node`, retained) and the claim bound to exactly it."""
+def claim_objects(namespace: str, claim: str, node: str | None, root: str, size: str = "1Gi") -> list[dict[str, Any]]:
+    """The PV (hostPath under `root` on `node`, or on any node when None, retained) and the claim bound to it."""
     pv = _pv_name(namespace, claim)
-    return [
+    objs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "PersistentVolume",
          "metadata": {"name": pv, "labels": {"recserve.dev/claim": claim}},
          "spec": {"capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"],
@@ -62,6 +62,9 @@ def claim_objects(namespace: str, claim: str, node: str, root: str, size: str = 
          "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
                   "resources": {"requests": {"storage": size}}}},
     ]  # fmt: skip
+    if node is None:
+        del objs[0]["spec"]["nodeAffinity"]
+    return objs
 
 
 def copy_pod(namespace: str, claim: str, node: str, files: Mapping[str, Path]) -> dict[str, Any]:

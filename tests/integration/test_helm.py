@@ -182,6 +182,8 @@ def test_the_apiserver_accepts_every_rendered_manifest_in_a_server_side_dry_run(
         values["watchNamespaces"] = [namespace]  # dry-run objects must land in an existing namespace
     if "grafanaDashboard" in values:
         values["grafanaDashboard"]["namespace"] = namespace
+    if "namespace" in (values.get("metricsAdapter") or {}).get("rules", {}):
+        values["metricsAdapter"]["rules"]["namespace"] = namespace
     out = _helm(cluster, "template", _release_name(namespace), str(CHART), "-n", namespace,
                 "--kube-version", "1.35.4", values=values, tmp_path=tmp_path)  # fmt: skip
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
 from tests.integration.conftest_operator import (
@@ -55,13 +56,28 @@ def _pods(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
     return [p for p in result["items"] if not p["metadata"].get("deletionTimestamp")] if result else []
 
 
+def _source_uris(doc: dict[str, Any]) -> list[str]:
+    model = doc["spec"]["model"]
+    calibration = (doc["spec"].get("optimize") or {}).get("calibration") or {}
+    return [u for u in (model.get("uri"), calibration.get("uri")) if u]
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT / "examples")))
 def test_every_example_reaches_ready_on_the_right_nodes(operator: OperatorProcess, namespace: str, path: Path) -> None:
     cluster = operator.cluster
     doc = _example(path)
     name = doc["metadata"]["name"]
-    cluster.kubectl("apply", "-n", namespace, "-f", str(path))
-    obj = wait_ready(cluster, namespace, name)
+    # pvc:// sources are mounted into the builder: their claims must exist and be bound for the pod to schedule.
+    claims = {u.removeprefix("pvc://").split("/")[0] for u in _source_uris(doc) if u.startswith("pvc://")}
+    for claim in claims:
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(
+            volumes.claim_objects(namespace, claim, None, "/var/tmp/recserve-pv")))  # fmt: skip
+    try:
+        cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+        obj = wait_ready(cluster, namespace, name)
+    finally:
+        for claim in claims:  # PersistentVolumes are cluster-scoped: the namespace's deletion keeps them
+            cluster.kubectl("delete", "pv", f"{namespace}-{claim}", "--wait=false", "--ignore-not-found", check=False)
 
     rev = obj["status"]["stable"]["revision"]
     assert obj["status"]["latestRevision"] == rev

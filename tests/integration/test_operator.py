@@ -45,7 +45,7 @@ def _small(name: str, version: int = 3, **serving: Any) -> dict[str, Any]:
         "kind": "RecommenderModel",
         "metadata": {"name": name},
         "spec": {
-            "model": {"uri": f"pvc://models/{name}/{version}", "format": "onnx", "version": version},
+            "model": {"uri": f"s3://models/{name}/{version}", "format": "onnx", "version": version},
             "serving": {k: v for k, v in base.items() if v is not None},
         },
     }
@@ -140,7 +140,7 @@ def test_an_invalid_spec_the_schema_cannot_catch_reports_invalid_spec(
 
 
 def _update_version(cluster: Cluster, ns: str, name: str, version: int) -> None:
-    patch = {"spec": {"model": {"uri": f"pvc://models/{name}/{version}", "version": version}}}
+    patch = {"spec": {"model": {"uri": f"s3://models/{name}/{version}", "version": version}}}
     cluster.kubectl("patch", "rm", name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
 
 

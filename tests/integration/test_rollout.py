@@ -31,7 +31,7 @@ def _canary(name: str, version: int, steps: list[dict[str, Any]]) -> dict[str, A
         "kind": "RecommenderModel",
         "metadata": {"name": name},
         "spec": {
-            "model": {"uri": f"pvc://models/{name}/{version}", "format": "onnx", "version": version},
+            "model": {"uri": f"s3://models/{name}/{version}", "format": "onnx", "version": version},
             "serving": {"resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"}, "gpuProduct": "NVIDIA-A10G"},
             "rollout": {"strategy": "canary", "steps": steps},
         },

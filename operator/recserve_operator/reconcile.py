@@ -35,6 +35,8 @@ from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.kube import Kube, resource_of
 from recserve_operator.lifecycle import TrafficDecision, decide_immediate, router_serves
 from recserve_operator.observe import RevisionObservation, observe_revision
+from recserve_operator.routers.builtin import GRPC_SERVICE_PORT as ROUTER_GRPC_SERVICE_PORT
+from recserve_operator.routers.builtin import SERVICE_PORT as ROUTER_HTTP_PORT
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import InvalidSpec, RecommenderModelSpec, parse_spec, revision_of
 from recserve_operator.status import FOREIGN_KEYS, Problem, compute_status, invalid_status
@@ -50,7 +52,6 @@ ROLLOUT_ACTION_ANNOTATION = "recserve.dev/rollout-action"
 REVISIONED_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment", "ConfigMap")
 SERVICEMONITOR_API = "/apis/monitoring.coreos.com/v1"
 INDEXED_KINDS = frozenset(("Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler"))
-ROUTER_SERVICE_PORT = 8000
 _DISCOVERY_TTL_S = 300.0
 _QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
 
@@ -215,7 +216,8 @@ class Reconciler:
             foreign = ("kopf",)
             if spec.rollout.provider == "builtin":
                 host = f"{name}-router.{namespace}.svc.{self.defaults.cluster_domain}"
-                status["endpoints"] = {**status["endpoints"], "http": f"http://{host}:{ROUTER_SERVICE_PORT}"}
+                status["endpoints"] = {"http": f"http://{host}:{ROUTER_HTTP_PORT}",
+                                       "grpc": f"{host}:{ROUTER_GRPC_SERVICE_PORT}"}
         counts["status"] = self._write_status(
             namespace, name, uid, old=old_status, new=status, post=post, foreign=foreign
         )

@@ -13,14 +13,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import numpy as np
+import pytest
+import yaml
+
 from recserve_cluster import nodeconfig as nc
 from recserve_cluster.cluster import Cluster
+from tests.helpers import wait_for
+from tests.integration.conftest_operator import get_json
 
 ROOT = Path(__file__).resolve().parents[2]
 # On kind or another cluster: a node that runs containers, carries `nvidia.com/gpu.product=NVIDIA-L4` and has the
 # images loaded.
 NODE = os.environ.get("RECSERVE_REAL_NODE_NAME", nc.NODE_NAME)
 PYTHON_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
+MODEL = "ctr"  # the RecommenderModel (and Triton model) name the real-pod tests use
 
 
 def placement() -> dict[str, Any]:
@@ -62,16 +69,140 @@ def installed_platform(cluster: Cluster, tmp: Path, prefix: str) -> Iterator[str
             cluster.kubectl("delete", "namespace", n, "--wait=false", "--ignore-not-found", check=False)
 
 
+def platform_fixture(prefix: str) -> Any:
+    """A module-scoped `platform` fixture: the chart installed for the module's tests, its namespace yielded."""
+
+    @pytest.fixture(scope="module")
+    def platform(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+        with installed_platform(cluster, tmp_path_factory.mktemp("chart"), prefix) as ns:
+            yield ns
+
+    return platform
+
+
+def apply(cluster: Cluster, *objs: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
+
+
+get = get_json  # `kubectl get -o json`, None when the object does not exist
+
+
+def keras_model(tmp: Path, rows: int = 16, seed: int = 5) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A small trained CTR DNN saved as .keras, `rows` request rows for it and Keras's own predictions."""
+    import keras
+
+    from tests.builder.models import ctr_dnn, synthetic_ctr
+
+    path = ctr_dnn(tmp / "model.keras", steps=5, hidden=(16, 8))
+    feats, _ = synthetic_ctr(rows, seed=seed)
+    x = np.concatenate([feats["user"], feats["item"], feats["context"]], axis=1).astype(np.float32)
+    return path, x, np.asarray(keras.models.load_model(path)(x))
+
+
+def recommender_model(uri: str, version: int, **extra: Any) -> dict[str, Any]:
+    """The real-pod tests' RecommenderModel `MODEL`: ONNX Runtime on the real node's GPU product, a builtin-router
+    canary of one quick step. `extra` merges into the spec's top-level sections."""
+    spec: dict[str, Any] = {
+        "model": {"uri": uri, "format": "keras", "version": version},
+        "optimize": {"backend": "onnxruntime", "precision": "fp32", "parity": {"maxAbsError": 1e-4}},
+        "serving": {"replicas": 1, "maxBatchSize": 64, "instances": {"kind": "GPU", "count": 1},
+                    "resources": {"gpu": 1, "cpu": "1", "memory": "3Gi"}, "gpuProduct": nc.REAL_NODE.gpu_product},
+        "rollout": {"strategy": "canary", "routing": {"provider": "builtin"},
+                    "steps": [{"weight": 50, "pause": "10s"}],
+                    "analysis": {"interval": "15s", "maxErrorRate": 0.05, "minRequests": 5}},
+    }
+    for key, value in extra.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return {"apiVersion": "recserve.dev/v1alpha1", "kind": "RecommenderModel",
+            "metadata": {"name": MODEL}, "spec": spec}
+
+
+def wait_model_ready(cluster: Cluster, ns: str, name: str = MODEL, timeout: float = 600) -> dict[str, Any]:
+    """The RecommenderModel once its phase is Ready; fails at once on BuildFailed or InvalidSpec."""
+
+    def ready() -> dict[str, Any] | None:
+        rm = get(cluster, "recommendermodel", name, "-n", ns) or {}
+        st = rm.get("status") or {}
+        failed = [c for c in st.get("conditions", []) if c.get("reason") in ("BuildFailed", "InvalidSpec")]
+        if failed:
+            raise AssertionError(f"the model failed: {failed}")
+        return rm if st.get("phase") == "Ready" else None
+
+    return wait_for(ready, timeout, 3, f"RecommenderModel {ns}/{name} Ready")
+
+
+def run_client_pod(cluster: Cluster, ns: str, script: str, *, image: str = PYTHON_IMAGE,
+                   env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """Run `python -c script` once in a pod on NODE; its log (stdout). Fails with the log when the pod fails."""
+    name = f"client-{secrets.token_hex(3)}"
+    container = {"name": "client", "image": image, "imagePullPolicy": "IfNotPresent",
+                 "command": ["python", "-c", script],
+                 "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+                 "securityContext": {"runAsNonRoot": True, "runAsUser": 65534, "allowPrivilegeEscalation": False,
+                                     "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}}
+    apply(cluster, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+                    "spec": {**placement(), "restartPolicy": "Never", "automountServiceAccountToken": False,
+                             "containers": [container]}})
+
+    def done() -> str | None:
+        phase = (get(cluster, "pod", name, "-n", ns) or {}).get("status", {}).get("phase")
+        if phase == "Failed":
+            raise AssertionError(f"client pod {name} failed: {cluster.kubectl('logs', name, '-n', ns).stdout[-2000:]}")
+        return phase if phase == "Succeeded" else None
+
+    wait_for(done, timeout, 1, f"client pod {name}")
+    return cluster.kubectl("logs", name, "-n", ns).stdout
+
+
+def infer_in_cluster(cluster: Cluster, ns: str, url: str, x: np.ndarray, input_name: str) -> np.ndarray:
+    """POST one KServe v2 request from a pod (DNS, Service, kube-proxy and the router all in the path)."""
+    body = {"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}
+    script = ("import os, urllib.request\n"
+              f"req = urllib.request.Request({url!r}, data=os.environ['BODY'].encode(),"
+              " headers={'Content-Type': 'application/json'})\n"
+              "print(urllib.request.urlopen(req, timeout=30).read().decode())\n")
+    response = json.loads(run_client_pod(cluster, ns, script, env={"BODY": json.dumps(body)}).strip().splitlines()[-1])
+    return np.asarray(response["outputs"][0]["data"], dtype=np.float32).reshape(x.shape[0], -1)
+
+
+GRPC_CLIENT = """
+import json, os, numpy as np, tritonclient.grpc as grpcclient
+client = grpcclient.InferenceServerClient(os.environ["ADDRESS"])
+x = np.asarray(json.loads(os.environ["ROWS"]), dtype=np.float32)
+inp = grpcclient.InferInput(os.environ["INPUT"], list(x.shape), "FP32")
+inp.set_data_from_numpy(x)
+result = client.infer(os.environ["MODEL"], [inp])
+print(json.dumps(result.as_numpy(result.get_response().outputs[0].name).ravel().tolist()))
+"""
+
+
+def infer_grpc_in_cluster(cluster: Cluster, ns: str, address: str, x: np.ndarray, *, model: str,
+                          input_name: str) -> np.ndarray:
+    """One KServe v2 gRPC inference from a pod, with tritonclient (the operator image carries it)."""
+    from recserve_cluster import images
+
+    out = run_client_pod(cluster, ns, GRPC_CLIENT, image=images.operator_image(),
+                         env={"ADDRESS": address, "MODEL": model, "INPUT": input_name,
+                              "ROWS": json.dumps(x.tolist())})
+    return np.asarray(json.loads(out.strip().splitlines()[-1]), dtype=np.float32).reshape(x.shape[0], -1)
+
+
 PROMETHEUS = ("monitoring", "prometheus", 9090)
 DASHBOARD = ROOT / "charts" / "recserve" / "dashboards" / "recserve-overview.json"
 
 
-def prometheus_query(cluster: Cluster, query: str) -> list[dict[str, Any]]:
-    """An instant query against the in-cluster Prometheus, through the API server's Service proxy."""
+def prometheus_query(cluster: Cluster, query: str, *, refused_ok: bool = False) -> list[dict[str, Any]]:
+    """An instant query against the in-cluster Prometheus, through the API server's Service proxy.
+
+    refused_ok: a refusal (Prometheus restarting, the proxy's 503) reads as no data, for polling loops.
+    """
     ns, svc, port = PROMETHEUS
     path = f"/api/v1/namespaces/{ns}/services/{svc}:{port}/proxy/api/v1/query?" + urlencode({"query": query})
     out = cluster.kubectl("get", "--raw", path, check=False)
     if out.returncode != 0:
+        if refused_ok:
+            return []
         raise AssertionError(f"Prometheus refused {query!r}: {out.stderr.strip()[-500:]}")
     result: list[dict[str, Any]] = json.loads(out.stdout)["data"]["result"]
     return result

@@ -12,23 +12,29 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import yaml
 
 from recserve_cluster import nodeconfig as nc
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
-from tests.integration.realpods import NODE, PYTHON_IMAGE, installed_platform, placement
+from tests.integration.realpods import (
+    MODEL,
+    NODE,
+    PYTHON_IMAGE,
+    apply,
+    get,
+    keras_model,
+    placement,
+    platform_fixture,
+    wait_model_ready,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
 
-MODEL = "ctr"
 PAGE = 50  # items shown per request: impressions accumulate fast enough for a test
 SHOPPER = '''
 import json, os, random, threading, time, urllib.request
@@ -90,15 +96,6 @@ while True:
 '''
 
 
-def _apply(cluster: Cluster, *objs: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
-
-
-def _get(cluster: Cluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
 def shopper_objects(ns: str, url: str, body: str, ctr: dict[str, float]) -> list[dict[str, Any]]:
     labels = {"app": "shopper"}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shopper", "namespace": ns, "labels": labels},
@@ -122,7 +119,7 @@ def shopper_objects(ns: str, url: str, body: str, ctr: dict[str, float]) -> list
 
 def start_shopper(cluster: Cluster, ns: str, url: str, body: str, ctr: dict[str, float]) -> None:
     cluster.kubectl("delete", "pod", "shopper", "-n", ns, "--ignore-not-found", "--wait=true", timeout=90)
-    _apply(cluster, *shopper_objects(ns, url, body, ctr))
+    apply(cluster, *shopper_objects(ns, url, body, ctr))
     cluster.kubectl("wait", "--for=condition=Ready", "pod/shopper", "-n", ns, "--timeout=120s", timeout=150)
 
 
@@ -158,38 +155,22 @@ def ab_model(ns: str, version: int, max_duration: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def platform(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with installed_platform(cluster, tmp_path_factory.mktemp("chart"), "t-ab") as ns:
-        yield ns
-
-
-def _keras_model(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    from tests.builder.models import ctr_dnn, synthetic_ctr
-
-    path = ctr_dnn(tmp_path / "model.keras", steps=5, hidden=(16, 8))
-    feats, _ = synthetic_ctr(4, seed=11)
-    return path, np.concatenate([feats["user"], feats["item"], feats["context"]], axis=1).astype(np.float32)
-
-
-def _wait_ready(cluster: Cluster, ns: str) -> dict[str, Any]:
-    return wait_for(lambda: (rm := _get(cluster, "recommendermodel", MODEL, "-n", ns) or {})
-                    .get("status", {}).get("phase") == "Ready" and rm, 600, 3, "the model Ready")
+platform = platform_fixture("t-ab")
 
 
 def test_the_operator_names_the_better_variant_from_real_counters_and_an_aa_run_names_none(
     cluster: Cluster, platform: str, tmp_path: Path
 ) -> None:
     ns = platform
-    path, x = _keras_model(tmp_path)
+    path, x, _ = keras_model(tmp_path, rows=4, seed=11)
     # Three versions of the same network: the users' click-through rate, not the scores, decides here.
     volumes.upload(cluster, ns, "models", NODE, {f"ctr/{v}/model.keras": path for v in (1, 2, 3)})
     try:
-        _apply(cluster, ab_model(ns, 1, "10m"))
-        rm = _wait_ready(cluster, ns)
+        apply(cluster, ab_model(ns, 1, "10m"))
+        rm = wait_model_ready(cluster, ns)
         v1 = rm["status"]["stable"]["revision"]
         url = f"{rm['status']['endpoints']['http']}/v2/models/{MODEL}/infer"
-        pod = _get(cluster, "pods", "-n", ns, "-l", f"recserve.dev/revision={v1}")["items"][0]["metadata"]["name"]
+        pod = get(cluster, "pods", "-n", ns, "-l", f"recserve.dev/revision={v1}")["items"][0]["metadata"]["name"]
         meta = json.loads(cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod}:8000/proxy/v2/models/"
                                           f"{MODEL}").stdout)
         body = json.dumps({"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(x.shape),
@@ -198,10 +179,10 @@ def test_the_operator_names_the_better_variant_from_real_counters_and_an_aa_run_
         # A/B: the candidate's users click 8% of shown items, stable's 5%.
         start_shopper(cluster, ns, url, body, {"stable": 0.05, "canary": 0.08})
         started = time.monotonic()
-        _apply(cluster, ab_model(ns, 2, "10m"))
+        apply(cluster, ab_model(ns, 2, "10m"))
 
         def decided() -> dict[str, Any] | None:
-            st = (_get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
+            st = (get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
             return st if (st.get("abTest") or {}).get("winner") else None
 
         st = wait_for(decided, 600, 3, "the A/B test to decide")
@@ -212,7 +193,7 @@ def test_the_operator_names_the_better_variant_from_real_counters_and_an_aa_run_
         assert ab["winner"] == "canary", ab
         assert ab["sequentialPValue"] <= 0.05 and ab["lift"] > 0
         assert min(v["impressions"] for v in ab["variants"]) >= 5000
-        v2 = wait_for(lambda: ((s := (_get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {})
+        v2 = wait_for(lambda: ((s := (get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {})
                                .get("stable") or {}).get("revision") not in (None, v1) and s["stable"]["revision"],
                       180, 2, "the winner to become stable")
         counts = shopper_counts(cluster, ns)
@@ -221,10 +202,10 @@ def test_the_operator_names_the_better_variant_from_real_counters_and_an_aa_run_
 
         # A/A: both variants' users click 5%; after maxDuration no winner is named and stable stays.
         start_shopper(cluster, ns, url, body, {"stable": 0.05, "canary": 0.05})
-        _apply(cluster, ab_model(ns, 3, "2m"))
+        apply(cluster, ab_model(ns, 3, "2m"))
 
         def ended() -> dict[str, Any] | None:
-            st = (_get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
+            st = (get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
             canary = st.get("canary") or {}
             return st if canary.get("phase") in ("RolledBack", "Promoted") and canary.get("revision") != v2 else None
 

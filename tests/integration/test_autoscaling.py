@@ -12,7 +12,7 @@ import json
 import re
 import secrets
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,8 +23,17 @@ from recserve_operator.builders.hpa import QUEUE_TIME_METRIC
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
-from tests.integration.realpods import NODE, PYTHON_IMAGE, installed_platform, placement
-from tests.integration.test_first_install import MODEL, _keras_model, _ready, recommender_model
+from tests.integration.realpods import (
+    MODEL,
+    NODE,
+    PYTHON_IMAGE,
+    get,
+    keras_model,
+    placement,
+    platform_fixture,
+    recommender_model,
+    wait_model_ready,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
 
@@ -64,15 +73,7 @@ while any(t.is_alive() for t in threads):
 """
 
 
-@pytest.fixture(scope="module")
-def platform(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with installed_platform(cluster, tmp_path_factory.mktemp("chart"), "t-autoscaling") as ns:
-        yield ns
-
-
-def _get(cluster: Cluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
+platform = platform_fixture("t-autoscaling")
 
 
 def _raw(cluster: Cluster, path: str) -> Any:
@@ -125,7 +126,7 @@ def test_load_raises_the_queue_time_metric_and_the_hpa_scales_the_revision_to_tw
     cluster: Cluster, platform: str, tmp_path: Path
 ) -> None:
     ns = platform
-    path, x, _ = _keras_model(tmp_path)
+    path, x, _ = keras_model(tmp_path)
     volumes.upload(cluster, ns, "models", NODE, {"ctr/1/model.keras": path})
     load = ""
     try:
@@ -133,18 +134,18 @@ def test_load_raises_the_queue_time_metric_and_the_hpa_scales_the_revision_to_tw
         rm = recommender_model("pvc://models/ctr/1/model.keras", 1,
                                serving={"autoscaling": autoscaling, "resources": RESOURCES})
         cluster.kubectl("apply", "-f", "-", input=json.dumps({**rm, "metadata": {"name": MODEL, "namespace": ns}}))
-        rm = _ready(cluster, ns, 600)
+        rm = wait_model_ready(cluster, ns)
         revision = rm["status"]["stable"]["revision"]
         name = f"{MODEL}-{revision}"
-        hpa = _get(cluster, "hpa", name, "-n", ns)
+        hpa = get(cluster, "hpa", name, "-n", ns)
         assert hpa is not None, f"the operator creates HPA {ns}/{name}"
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 2)
         assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == [QUEUE_TIME_METRIC]
-        assert _get(cluster, "deployment", name, "-n", ns)["spec"]["replicas"] == 1
+        assert get(cluster, "deployment", name, "-n", ns)["spec"]["replicas"] == 1
 
         selector = f"{REVISION_LABEL}={revision}"
-        (pod,) = _get(cluster, "pods", "-n", ns, "-l", selector)["items"]
+        (pod,) = get(cluster, "pods", "-n", ns, "-l", selector)["items"]
         input_name = json.loads(cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{ns}/pods/"
                                                 f"{pod['metadata']['name']}:8000/proxy/v2/models/{MODEL}")
                                 .stdout)["inputs"][0]["name"]
@@ -171,7 +172,7 @@ def test_load_raises_the_queue_time_metric_and_the_hpa_scales_the_revision_to_tw
 
         # 2. The HPA reads it: a current value in status, next to the target.
         def measured() -> dict[str, Any] | None:
-            status = (_get(cluster, "hpa", name, "-n", ns) or {}).get("status", {})
+            status = (get(cluster, "hpa", name, "-n", ns) or {}).get("status", {})
             current = [m for m in status.get("currentMetrics") or [] if m.get("type") == "Pods"]
             return current[0] if current and current[0]["pods"].get("current", {}).get("averageValue") else None
 
@@ -183,19 +184,19 @@ def test_load_raises_the_queue_time_metric_and_the_hpa_scales_the_revision_to_tw
         # 3. It scales the revision's Deployment to maxReplicas, and the second Triton pod (its own model build
         #    first, ~1 min) becomes ready.
         def scaled() -> dict[str, Any] | None:
-            deployment = _get(cluster, "deployment", name, "-n", ns) or {}
+            deployment = get(cluster, "deployment", name, "-n", ns) or {}
             return deployment if deployment.get("spec", {}).get("replicas") == 2 else None
 
         _explained(cluster, ns, name, load, lambda: wait_for(scaled, 240, 5, f"Deployment {ns}/{name} at 2 replicas"))
 
         def both_ready() -> dict[str, Any] | None:
-            deployment = _get(cluster, "deployment", name, "-n", ns) or {}
+            deployment = get(cluster, "deployment", name, "-n", ns) or {}
             return deployment if deployment.get("status", {}).get("readyReplicas") == 2 else None
 
         _explained(cluster, ns, name, load, lambda: wait_for(both_ready, 600, 5, f"2 ready pods of {ns}/{name}"))
-        pods = _get(cluster, "pods", "-n", ns, "-l", selector)["items"]
+        pods = get(cluster, "pods", "-n", ns, "-l", selector)["items"]
         assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {NODE}
-        hpa_status = _get(cluster, "hpa", name, "-n", ns)["status"]
+        hpa_status = get(cluster, "hpa", name, "-n", ns)["status"]
         assert hpa_status["desiredReplicas"] == 2 and hpa_status["currentReplicas"] == 2, hpa_status
         assert _counts(cluster, ns, load)["ok"] > 0, "the load client got answers through the router"
     finally:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,17 @@ from recserve_operator.builders.common import REVISION_LABEL
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
-from tests.integration.realpods import NODE, PYTHON_IMAGE, installed_platform, placement
-from tests.integration.test_first_install import MODEL, prometheus_query, recommender_model
+from tests.integration.realpods import (
+    MODEL,
+    NODE,
+    PYTHON_IMAGE,
+    apply,
+    get,
+    placement,
+    platform_fixture,
+    prometheus_query,
+    recommender_model,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
 
@@ -136,30 +144,18 @@ def _spec(version: int) -> dict[str, Any]:
     return rm
 
 
-@pytest.fixture(scope="module")
-def platform(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with installed_platform(cluster, tmp_path_factory.mktemp("chart"), "t-rollback") as ns:
-        yield ns
-
-
-def _get(cluster: Cluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
-def _apply(cluster: Cluster, obj: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
+platform = platform_fixture("t-rollback")
 
 
 def _status(cluster: Cluster, ns: str) -> dict[str, Any]:
-    return (_get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
+    return (get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
 
 
 def _unschedulable(cluster: Cluster, ns: str, revision: str | None) -> str:
     """The scheduler's message for a pod of `revision` it cannot place, else ''."""
     if not revision:
         return ""
-    pods = (_get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL}={revision}") or {}).get("items", [])
+    pods = (get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL}={revision}") or {}).get("items", [])
     for pod in pods:
         for cond in pod.get("status", {}).get("conditions", []):
             if cond["type"] == "PodScheduled" and cond.get("reason") == "Unschedulable":
@@ -242,7 +238,7 @@ def test_a_candidate_failing_30_percent_of_requests_is_rolled_back_with_zero_sta
     load = ""
     try:
         started = time.time()
-        _apply(cluster, {**_spec(1), "metadata": {"name": MODEL, "namespace": ns}})
+        apply(cluster, {**_spec(1), "metadata": {"name": MODEL, "namespace": ns}})
 
         def ready() -> dict[str, Any] | None:
             st = _status(cluster, ns)
@@ -257,7 +253,7 @@ def test_a_candidate_failing_30_percent_of_requests_is_rolled_back_with_zero_sta
 
         client = _load_pod(ns, url)
         load = client["metadata"]["name"]
-        _apply(cluster, client)
+        apply(cluster, client)
         log = LoadLog(cluster, ns, load)
         wait_for(lambda: (s := log.latest()) is not None and count(s, "stable") >= 40, 180, 2,
                  "steady load answered by stable through the router")  # fmt: skip
@@ -268,7 +264,7 @@ def test_a_candidate_failing_30_percent_of_requests_is_rolled_back_with_zero_sta
                  "Prometheus to scrape the stable revision")  # fmt: skip
 
         applied = time.time()
-        _apply(cluster, {**_spec(2), "metadata": {"name": MODEL, "namespace": ns}})
+        apply(cluster, {**_spec(2), "metadata": {"name": MODEL, "namespace": ns}})
 
         # The candidate builds in its init container, becomes Available, and the operator routes 50% to it.
         pending_since: dict[str, float] = {}
@@ -303,7 +299,7 @@ def test_a_candidate_failing_30_percent_of_requests_is_rolled_back_with_zero_sta
 
         # The switch: the router pods roll to the stable-only plan, then the candidate's revision drains.
         name = f"{MODEL}-{canary_rev}"
-        wait_for(lambda: _get(cluster, "deployment", name, "-n", ns) is None, 180, 1,
+        wait_for(lambda: get(cluster, "deployment", name, "-n", ns) is None, 180, 1,
                  f"the rolled-back candidate's Deployment {ns}/{name} to be deleted after the drain")  # fmt: skip
         drained = time.time()
         at_drain = log.after(drained)
@@ -357,7 +353,7 @@ def test_a_candidate_failing_30_percent_of_requests_is_rolled_back_with_zero_sta
         assert {k for k, v in settled.items() if v} == {"stable"}, settled  # after the drain only stable answers
         assert set(settled["stable"]) <= {"known_ok", "new_ok"}, settled
         # Gone: the candidate's pods too, once the drain finished.
-        wait_for(lambda: not (_get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL}={canary_rev}") or {})
+        wait_for(lambda: not (get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL}={canary_rev}") or {})
                  .get("items"), 60, 1, "the candidate's pods to be gone")  # fmt: skip
     finally:
         if load:

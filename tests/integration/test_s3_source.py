@@ -33,8 +33,17 @@ from recserve_operator.builders.deployment import BUILDER_CONTAINER
 from recserve_cluster import images
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
-from tests.integration.realpods import installed_platform, placement
-from tests.integration.test_first_install import MODEL, _keras_model, _ready, infer_in_cluster, recommender_model
+from tests.integration.realpods import (
+    MODEL,
+    apply,
+    get,
+    infer_in_cluster,
+    keras_model,
+    placement,
+    platform_fixture,
+    recommender_model,
+    wait_model_ready,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
 
@@ -107,15 +116,6 @@ def _create(cluster: Cluster, *objs: dict[str, Any]) -> None:
     cluster.kubectl("create", "-f", "-", input=yaml.safe_dump_all(objs))
 
 
-def _apply(cluster: Cluster, obj: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
-
-
-def _get(cluster: Cluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
 def _secret(ns: str, name: str, data: dict[str, str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns}, "type": "Opaque",
             "stringData": data}  # fmt: skip
@@ -153,7 +153,7 @@ def seaweedfs_objects(ns: str, access_key: str, secret_key: str) -> list[dict[st
 
 def _wait_pod(cluster: Cluster, ns: str, name: str, phase: str, timeout: float) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
-        pod = _get(cluster, "pod", name, "-n", ns) or {}
+        pod = get(cluster, "pod", name, "-n", ns) or {}
         status = pod.get("status") or {}
         if status.get("phase") == "Failed" or (phase == "Ready" and status.get("phase") == "Succeeded"):
             logs = cluster.kubectl("logs", name, "-n", ns, "--all-containers", check=False).stdout[-3000:]
@@ -193,10 +193,7 @@ def _upload(cluster: Cluster, ns: str, endpoint: str, model: Path) -> dict[str, 
         cluster.kubectl("delete", "pod,configmap", name, "-n", ns, "--ignore-not-found", "--wait=false", check=False)
 
 
-@pytest.fixture(scope="module")
-def platform(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with installed_platform(cluster, tmp_path_factory.mktemp("chart"), "t-s3-source") as ns:
-        yield ns
+platform = platform_fixture("t-s3-source")
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +203,7 @@ def store(cluster: Cluster, platform: str, tmp_path_factory: pytest.TempPathFact
     access_key, secret_key = f"recserve{secrets.token_hex(4)}", secrets.token_hex(20)
     wrong = secrets.token_hex(20)
     endpoint = f"http://{STORE}.{ns}.svc.cluster.local:{S3_PORT}"
-    path, x, expected = _keras_model(tmp_path_factory.mktemp("model"))
+    path, x, expected = keras_model(tmp_path_factory.mktemp("model"))
     creds = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     try:
         _create(cluster, *seaweedfs_objects(ns, access_key, secret_key), _secret(ns, CREDENTIALS, creds),
@@ -235,16 +232,16 @@ def _model(store: Store, version: int, secret: str) -> dict[str, Any]:
 def served(cluster: Cluster, store: Store) -> Iterator[dict[str, Any]]:
     """Version 1 from s3:// with the right Secret, Ready."""
     ns = store.namespace
-    _apply(cluster, _model(store, 1, CREDENTIALS))
+    apply(cluster, _model(store, 1, CREDENTIALS))
     try:
-        yield _ready(cluster, ns, 600)
+        yield wait_model_ready(cluster, ns)
     finally:
         cluster.kubectl("delete", "recommendermodel", MODEL, "-n", ns, "--ignore-not-found", "--wait=true",
                         "--timeout=120s", check=False, timeout=150)
 
 
 def _revision_pods(cluster: Cluster, ns: str, revision: str) -> list[dict[str, Any]]:
-    pods: list[dict[str, Any]] = _get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL}={revision}")["items"]
+    pods: list[dict[str, Any]] = get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL}={revision}")["items"]
     return pods
 
 
@@ -255,7 +252,7 @@ def _builder_logs(cluster: Cluster, ns: str, pod: str) -> str:
 
 
 def _operator_logs(cluster: Cluster, ns: str) -> str:
-    deployments = _get(cluster, "deployments", "-n", f"{ns}-system")["items"]
+    deployments = get(cluster, "deployments", "-n", f"{ns}-system")["items"]
     assert deployments, "the operator's Deployment exists"
     return "\n".join(cluster.kubectl("logs", f"deployment/{d['metadata']['name']}", "-n", f"{ns}-system",
                                      "--all-containers", "--tail=-1", check=False).stdout for d in deployments)
@@ -292,10 +289,10 @@ def test_a_keras_model_from_an_in_cluster_s3_store_with_a_secret_serves_kerass_p
 
     # The secret is in the Secret and the builder's environment only: not in any argument or object the
     # operator wrote, nor in the operator's or the builder's log.
-    owned = {kind: _get(cluster, kind, "-n", ns, "-l", f"{INSTANCE_LABEL}={MODEL}")
+    owned = {kind: get(cluster, kind, "-n", ns, "-l", f"{INSTANCE_LABEL}={MODEL}")
              for kind in ("deployments", "configmaps", "pods")}  # fmt: skip
     places = {"the pod specs": json.dumps([p["spec"] for p in pods]), "the operator's objects": json.dumps(owned),
-              "the RecommenderModel": json.dumps(_get(cluster, "recommendermodel", MODEL, "-n", ns)),
+              "the RecommenderModel": json.dumps(get(cluster, "recommendermodel", MODEL, "-n", ns)),
               "the operator's log": _operator_logs(cluster, ns),
               "the builder's log": _builder_logs(cluster, ns, pods[0]["metadata"]["name"])}  # fmt: skip
     assert "S3" in places["the builder's log"] or "s3" in places["the builder's log"], "the builder logged its run"
@@ -308,10 +305,10 @@ def test_a_wrong_secret_key_fails_the_build_with_the_stores_refusal_and_the_stab
 ) -> None:
     ns = store.namespace
     stable = served["status"]["stable"]["revision"]
-    _apply(cluster, _model(store, 2, WRONG_CREDENTIALS))
+    apply(cluster, _model(store, 2, WRONG_CREDENTIALS))
 
     def failed() -> dict[str, Any] | None:
-        st = (_get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
+        st = (get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
         repo = {x["type"]: x for x in st.get("conditions") or []}.get(c.MODEL_REPOSITORY_READY) or {}
         return st if repo.get("status") == "False" and repo.get("reason") == c.BUILD_FAILED else None
 
@@ -325,7 +322,7 @@ def test_a_wrong_secret_key_fails_the_build_with_the_stores_refusal_and_the_stab
     assert (ready["status"], ready["reason"]) == ("True", c.AVAILABLE), ready
     assert st["stable"]["revision"] == stable and st["phase"] == "Degraded", st
 
-    candidates = _get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL},{REVISION_LABEL}!={stable}")["items"]
+    candidates = get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL},{REVISION_LABEL}!={stable}")["items"]
     assert candidates, "the new version's pod exists"
     pod = candidates[0]
     init = pod["status"]["initContainerStatuses"][0]

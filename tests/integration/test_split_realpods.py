@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from recserve_operator.routers.builtin import assign_variant
 
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
-from tests.integration.realpods import NODE, PYTHON_IMAGE, installed_platform, placement
-from tests.integration.test_ab_realpods import MODEL, _keras_model, _wait_ready, ab_model
+from tests.integration.realpods import (
+    MODEL,
+    NODE,
+    PYTHON_IMAGE,
+    apply,
+    get,
+    keras_model,
+    placement,
+    platform_fixture,
+    wait_model_ready,
+)
+from tests.integration.test_ab_realpods import ab_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
 
@@ -58,15 +66,6 @@ print(json.dumps({"by_user": {u: sorted(v) for u, v in by_user.items()}, "anonym
 '''
 
 
-def _apply(cluster: Cluster, *objs: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
-
-
-def _get(cluster: Cluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
 def canary_at(ns: str, version: int) -> dict[str, Any]:
     """The A/B test's model shape with a canary held at WEIGHT% (a step pause longer than the test)."""
     rm = ab_model(ns, version, "10m")
@@ -76,50 +75,47 @@ def canary_at(ns: str, version: int) -> dict[str, Any]:
     return rm
 
 
-@pytest.fixture(scope="module")
-def platform(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with installed_platform(cluster, tmp_path_factory.mktemp("chart"), "t-split") as ns:
-        yield ns
+platform = platform_fixture("t-split")
 
 
 def test_the_router_pods_split_10000_requests_by_weight_sticky_per_user_as_predicted(
     cluster: Cluster, platform: str, tmp_path: Path
 ) -> None:
     ns = platform
-    path, x = _keras_model(tmp_path)
+    path, x, _ = keras_model(tmp_path, rows=4, seed=11)
     volumes.upload(cluster, ns, "models", NODE, {f"ctr/{v}/model.keras": path for v in (1, 2)})
     try:
-        _apply(cluster, canary_at(ns, 1))
-        rm = _wait_ready(cluster, ns)
+        apply(cluster, canary_at(ns, 1))
+        rm = wait_model_ready(cluster, ns)
         stable = rm["status"]["stable"]["revision"]
-        pod = _get(cluster, "pods", "-n", ns, "-l", f"recserve.dev/revision={stable}")["items"][0]["metadata"]["name"]
+        pod = get(cluster, "pods", "-n", ns, "-l", f"recserve.dev/revision={stable}")["items"][0]["metadata"]["name"]
         meta = json.loads(cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod}:8000/proxy/v2/models/"
                                           f"{MODEL}").stdout)
         body = json.dumps({"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(x.shape),
                                        "datatype": "FP32", "data": x.ravel().tolist()}]})
-        _apply(cluster, canary_at(ns, 2))
+        apply(cluster, canary_at(ns, 2))
 
         def at_weight() -> dict[str, Any] | None:
-            st = (_get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
+            st = (get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
             canary = st.get("canary") or {}
             return canary if canary.get("weight") == WEIGHT and canary.get("revision") != stable else None
 
         canary = wait_for(at_weight, 600, 2, f"the canary at {WEIGHT}%")
         # The weight is in status once applied; the router pods serve it once their rollout finished.
         cluster.kubectl("rollout", "status", f"deployment/{MODEL}-router", "-n", ns, "--timeout=180s", timeout=200)
-        wait_for(lambda: not [p for p in _get(cluster, "pods", "-n", ns, "-l", "app.kubernetes.io/component=router")
+        wait_for(lambda: not [p for p in get(cluster, "pods", "-n", ns, "-l", "app.kubernetes.io/component=router")
                               ["items"] if p["metadata"].get("deletionTimestamp")], 60, 1, "old router pods gone")
 
         url = f"{rm['status']['endpoints']['http']}/v2/models/{MODEL}/infer"
         env = [{"name": "URL", "value": url}, {"name": "BODY", "value": body}, {"name": "USERS", "value": str(USERS)}]
-        _apply(cluster, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "split-client", "namespace": ns},
+        apply(cluster, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "split-client", "namespace": ns},
                          "spec": {**placement(), "restartPolicy": "Never", "automountServiceAccountToken": False,
                                   "containers": [{"name": "client", "image": PYTHON_IMAGE,
                                                   "imagePullPolicy": "IfNotPresent",
                                                   "command": ["python", "-c", CLIENT], "env": env}]}})
 
         def finished() -> str | None:
-            phase = (_get(cluster, "pod", "split-client", "-n", ns) or {}).get("status", {}).get("phase")
+            phase = (get(cluster, "pod", "split-client", "-n", ns) or {}).get("status", {}).get("phase")
             assert phase != "Failed", cluster.kubectl("logs", "split-client", "-n", ns, check=False).stdout[-2000:]
             return phase if phase == "Succeeded" else None
 

@@ -4,8 +4,9 @@ Everything runs in the cluster, on real pods on the node real-0: the chart's ope
 revision's builder init container (it converts the Keras model it reads from a PersistentVolumeClaim and
 checks parity) and Triton, the builtin router's nginx pods, and Prometheus (through Prometheus Operator)
 scraping what the operator's ServiceMonitor selects. The operator decides every canary step from those
-series. Shoppers' requests come from this machine through `kubectl proxy` (a port bound to 127.0.0.1) and
-the API server's Service proxy to the router Service.
+series. Shoppers run in a pod (recserve_cluster.shoppers) and reach the router by Service DNS; their click
+counters feed the dashboard's click-through panel. The recommendations printed here come from this machine
+through `kubectl proxy` (a port bound to 127.0.0.1) and the API server's Service proxy to the router.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,34 +151,42 @@ def status(cluster: Cluster) -> dict[str, Any]:
     return _json(cluster, "get", "recommendermodel", MODEL, "-n", NAMESPACE).get("status") or {}
 
 
-class Load:
-    """Shoppers through the router: each request scores 200 candidates for one user (sticky by x-user-id)."""
+def start_shoppers(cluster: Cluster, data: Any, in_name: str, router_http: str) -> None:
+    """Shoppers in a pod on the real node, through the router by Service DNS (see recserve_cluster.shoppers)."""
+    from ecommerce_data import click_logit
+    from recommend import candidate_items  # examples/ctr-dnn is on sys.path (run() puts it there)
 
-    def __init__(self, url: str, data: Any, in_name: str) -> None:
-        self.url, self.data, self.in_name = url, data, in_name
-        self.by_variant: Counter[str] = Counter()
-        self.errors = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+    from . import shoppers
 
-    def _run(self) -> None:
-        from recommend import candidate_items  # examples/ctr-dnn is on sys.path (run() puts it there)
+    rows = []
+    for user in np.random.default_rng(7).choice(data.config.n_users, size=24, replace=False):
+        items = candidate_items(data, int(user), 200)
+        x = data.features.candidates(int(user), items, hour=20, device=0)
+        same = np.full(items.size, 0)
+        logit = click_logit(data.users, data.items, np.full(items.size, user), items, hour=same + 20, device=same)
+        rows.append((x, 1.0 / (1.0 + np.exp(-logit))))
+    cluster.kubectl("delete", "pod", shoppers.NAME, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", timeout=90)
+    objs = shoppers.objects(NAMESPACE, f"{router_http}/v2/models/{MODEL}/infer", MODEL,
+                            shoppers.request_data(rows, in_name), placement())  # fmt: skip
+    cluster.kubectl("apply", "--server-side", "--field-manager=demo", "-f", "-", input=yaml.safe_dump_all(objs))
+    cluster.kubectl("wait", "--for=condition=Ready", f"pod/{shoppers.NAME}", "-n", NAMESPACE, "--timeout=120s",
+                    timeout=150)  # fmt: skip
+    info(f"shoppers: pod {NAMESPACE}/{shoppers.NAME} on {NODE}, each request scores 200 candidates of one user "
+         f"through {router_http}, shows the top {shoppers.PAGE} and clicks with the true click probability")
 
-        session = requests.Session()
-        rng = np.random.default_rng(7)
-        while not self.stop.is_set():
-            user = int(rng.integers(self.data.config.n_users))
-            x = self.data.features.candidates(user, candidate_items(self.data, user, 200), hour=20, device=0)
-            body = {"inputs": [{"name": self.in_name, "shape": list(x.shape), "datatype": "FP32",
-                                "data": x.astype(np.float32).ravel().tolist()}]}
-            try:
-                r = session.post(f"{self.url}/v2/models/{MODEL}/infer", json=body,
-                                 headers={"x-user-id": f"user-{user}"}, timeout=10)
-                self.by_variant[r.headers.get("X-RecServe-Variant", "?")] += 1
-                self.errors += r.status_code != 200
-            except requests.RequestException:
-                self.errors += 1
-            self.stop.wait(0.05)
+
+def stop_shoppers(cluster: Cluster) -> None:
+    from . import shoppers
+
+    cluster.kubectl("delete", "pod", shoppers.NAME, "-n", NAMESPACE, "--ignore-not-found", "--wait=false",
+                    check=False)  # fmt: skip
+
+
+def requests_by_variant(cluster: Cluster) -> tuple[dict[str, int], int]:
+    from . import shoppers
+
+    answered, failed = shoppers.requests_so_far(cluster, NAMESPACE)
+    return dict(answered), failed
 
 
 def print_recommendations(url: str, data: Any, users: list[int]) -> None:
@@ -255,9 +263,8 @@ def run(keep_serving: bool) -> int:
         say("Top-5 recommendations through the router, from the stable model")
         print_recommendations(url, data, [3, 42, 977])
 
-        load = Load(url, data, in_name)
-        load.thread.start()
-        stack.callback(load.stop.set)
+        start_shoppers(cluster, data, in_name, st["endpoints"]["http"])
+        stack.callback(stop_shoppers, cluster)
 
         v2 = train(2, "wide")
         upload(cluster, 2, v2)
@@ -283,14 +290,14 @@ def run(keep_serving: bool) -> int:
                 seen = row
                 info(f"phase={row[0]} step={row[1]} weight={row[2]}% analysis={row[3]} "
                      f"errorRate={last.get('errorRate')} p99Ms={last.get('p99Ms')} | "
-                     f"requests by variant so far: {dict(load.by_variant)}")
+                     f"requests by variant so far: {requests_by_variant(cluster)[0]}")
             if (st.get("stable") or {}).get("revision") == canary:
                 result = "Promoted"
                 break
             if conds.get("RolledBack", {}).get("status") == "True" or c.get("phase") == "RolledBack":
                 result = "RolledBack"
                 break
-            load.stop.wait(1)
+            time.sleep(1)
         if not result:
             raise ClusterError("the canary did not finish within 10 minutes; see `kubectl logs -n "
                                f"{SYSTEM_NS} deploy/{RELEASE}`")
@@ -298,8 +305,8 @@ def run(keep_serving: bool) -> int:
         old = stable if result == "Promoted" else canary
         wait_for(lambda: not _json(cluster, "get", "deployments", "-n", NAMESPACE, "-l",
                                    f"recserve.dev/revision={old}")["items"], 180, 2, f"revision {old} to drain")
-        load.stop.set()
-        load.thread.join(timeout=15)
+        answered, failed = wait_for(lambda: (r := requests_by_variant(cluster))[0] and r, 30, 1,
+                                    "the shoppers' counters")  # fmt: skip
         say(f"Canary {result} in {time.monotonic() - rollout_started:.0f}s: stable revision is now "
             f"{status(cluster)['stable']['revision']}")
         print(cluster.kubectl("get", "recommendermodels", "-n", NAMESPACE).stdout, flush=True)
@@ -308,13 +315,13 @@ def run(keep_serving: bool) -> int:
         print("\n".join(events.splitlines()[-8:]), flush=True)
         say("Top-5 recommendations from the promoted model")
         print_recommendations(url, data, [3, 42])
-        info(f"requests served during the rollout: {dict(load.by_variant)}, errors: {load.errors}")
+        info(f"requests served during the rollout: {answered}, errors: {failed}")
         say(f"Demo finished in {time.monotonic() - started:.0f}s. `make demo-down` removes everything.")
         if keep_serving:
             info(f"serving on {url} until Ctrl-C")
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
-        return 0 if result == "Promoted" and load.errors == 0 else 1
+        return 0 if result == "Promoted" and failed == 0 else 1
 
 
 def clean(cluster: Cluster) -> None:

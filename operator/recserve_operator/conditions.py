@@ -11,6 +11,8 @@ MODEL_REPOSITORY_READY = "ModelRepositoryReady"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 CONDITION_TYPES = (READY, MODEL_REPOSITORY_READY, PROGRESSING, DEGRADED)
+# Only on models whose canary/abTest analysis queries Prometheus: whether the last look got an answer.
+METRICS_AVAILABLE = "MetricsAvailable"
 
 # Reasons: CamelCase, actionable, stable (alerts and docs key on them).
 INVALID_SPEC = "InvalidSpec"
@@ -25,6 +27,9 @@ ROLLING_OUT = "RollingOut"
 ROLLOUT_COMPLETE = "RolloutComplete"
 ROLLED_BACK = "RolledBack"
 ABORTED = "Aborted"
+PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+METRICS_UNAVAILABLE = "MetricsUnavailable"
+NOT_MEASURED = "NotMeasured"
 BUILT = "Built"
 AS_EXPECTED = "AsExpected"
 PENDING = "Pending"
@@ -78,6 +83,10 @@ def set_condition(
             }
         )
     return result
+
+
+def remove_condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> list[dict[str, Any]]:
+    return [dict(c) for c in conditions if c.get("type") != type_]
 
 
 def _is(conditions: Sequence[Mapping[str, Any]], type_: str, status: str) -> bool:

@@ -39,7 +39,7 @@ from recserve_operator.routers.builtin import GRPC_SERVICE_PORT as ROUTER_GRPC_S
 from recserve_operator.routers.builtin import SERVICE_PORT as ROUTER_HTTP_PORT
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import InvalidSpec, RecommenderModelSpec, parse_spec, revision_of
-from recserve_operator.status import FOREIGN_KEYS, Problem, compute_status, invalid_status
+from recserve_operator.status import FOREIGN_KEYS, RolloutReport, compute_status, invalid_status
 
 if TYPE_CHECKING:
     from recserve_operator.metrics.base import MetricsProvider
@@ -200,15 +200,10 @@ class Reconciler:
         if counts["applied"] or counts["deleted"]:
             # Report on what now exists (our writes are in the applied cache), not on the pre-apply snapshot.
             observations = _observe(self._live("Deployment", namespace, name), pods)
-        held = None
-        if progressive is not None and latest not in decision.keep:
-            canary = progressive.rollout_status.get("canary") or {}
-            phase = str(canary.get("phase") or "")
-            reason = phase if phase in (c.ROLLED_BACK, c.ABORTED) else c.ROLLED_BACK
-            held = Problem(reason, f"revision {latest} is not serving: {canary.get('message') or reason}")
         status = compute_status(
             old_status, spec=spec, name=name, namespace=namespace, generation=generation, now=now_s, latest=latest,
-            decision=decision, observations=observations, cluster_domain=self.defaults.cluster_domain, held=held,
+            decision=decision, observations=observations, cluster_domain=self.defaults.cluster_domain,
+            rollout=progressive.report if progressive is not None else RolloutReport(),
         )  # fmt: skip
         foreign: tuple[str, ...] = FOREIGN_KEYS
         if progressive is not None:
@@ -325,6 +320,7 @@ class Reconciler:
             return 0
         self._status[uid] = {**{k: v for k, v in old.items() if k in foreign}, **new}
         _post_transitions(old_own.get("conditions") or [], new["conditions"], post)
+        _log_metrics_transition(namespace, name, old_own.get("conditions") or [], new["conditions"])
         if old_own.get("phase") != new.get("phase"):
             logger.info(
                 "Phase changed namespace=%s name=%s from=%s to=%s", namespace, name, old_own.get("phase"), new["phase"]
@@ -418,6 +414,18 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
     return patch
 
 
+def _log_metrics_transition(
+    namespace: str, name: str, old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]
+) -> None:
+    """One line when a model's metrics go away and one when they return, rather than an error at every look."""
+    before = next((x.get("status") for x in old if x.get("type") == c.METRICS_AVAILABLE), None)
+    after = next((x for x in new if x.get("type") == c.METRICS_AVAILABLE), None)
+    if after is not None and after["status"] == "False" and before != "False":
+        logger.warning("Metrics unavailable namespace=%s name=%s error=%s", namespace, name, after["message"])
+    elif after is not None and after["status"] == "True" and before == "False":
+        logger.info("Metrics available again namespace=%s name=%s", namespace, name)
+
+
 def _post_transitions(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]], post: EventFn) -> None:
     before = {x.get("type"): x for x in old}
     for cond in new:
@@ -425,6 +433,8 @@ def _post_transitions(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[st
         if prev is not None and prev.get("reason") == cond["reason"] and prev.get("status") == cond["status"]:
             continue
         bad = (cond["type"] == c.DEGRADED and cond["status"] == "True") or (
+            cond["type"] == c.METRICS_AVAILABLE and cond["status"] == "False"
+        ) or (
             cond["type"] in (c.READY, c.MODEL_REPOSITORY_READY) and cond["status"] == "False"
             and cond["reason"] in (c.BUILD_FAILED, c.INVALID_SPEC, c.INSUFFICIENT_GPU, c.UNSCHEDULABLE)
         )  # fmt: skip

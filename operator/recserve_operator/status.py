@@ -22,6 +22,24 @@ class Problem:
     message: str
 
 
+# Reasons of a rollout that ended with the candidate rolled back: Degraded until a new revision is rolled out.
+ROLLBACK_REASONS = (c.ROLLED_BACK, c.PROGRESS_DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class RolloutReport:
+    """What a progressive rollout adds to the conditions.
+
+    held: the spec's revision is deliberately not running (rolled back or aborted); say so, not "rolling out".
+    stalled: a step is held at its weight past progressDeadline. metrics: the MetricsAvailable condition, or None
+    for a model whose rollout queries no metrics (the condition is then removed).
+    """
+
+    held: Problem | None = None
+    stalled: Problem | None = None
+    metrics: c.Condition | None = None
+
+
 def problem_of(obs: RevisionObservation | None) -> Problem | None:
     """The most actionable thing wrong with a revision, if anything."""
     if obs is None:
@@ -80,9 +98,10 @@ def compute_status(
     decision: TrafficDecision,
     observations: Mapping[str, RevisionObservation],
     cluster_domain: str,
-    held: Problem | None = None,
+    rollout: RolloutReport = RolloutReport(),
 ) -> dict[str, Any]:
-    """`held`: the spec's revision is deliberately not running (rolled back or aborted); say so, not "rolling out"."""
+    """The status after this reconcile; `rollout` carries what a canary/abTest adds (see RolloutReport)."""
+    held, stalled = rollout.held, rollout.stalled
     conds: list[dict[str, Any]] = [dict(x) for x in old.get("conditions") or []]
     st = observations.get(decision.stable) or RevisionObservation(revision=decision.stable)
     lt = observations.get(latest) or RevisionObservation(revision=latest)
@@ -131,6 +150,8 @@ def compute_status(
         progressing = c.Condition(c.PROGRESSING, "False", held.reason, held.message)
     elif latest_problem is not None:
         progressing = c.Condition(c.PROGRESSING, "False", latest_problem.reason, latest_problem.message)
+    elif stalled is not None:
+        progressing = c.Condition(c.PROGRESSING, "False", stalled.reason, stalled.message)
     elif decision.stable != latest:
         progressing = c.Condition(
             c.PROGRESSING, "True", c.ROLLING_OUT,
@@ -146,8 +167,9 @@ def compute_status(
         progressing = c.Condition(c.PROGRESSING, "False", c.ROLLOUT_COMPLETE, f"revision {latest} is Available")
 
     problem = latest_problem or stable_problem
-    if problem is None and held is not None and held.reason == c.ROLLED_BACK:
+    if problem is None and held is not None and held.reason in ROLLBACK_REASONS:
         problem = held
+    problem = problem or stalled
     if problem is not None:
         degraded = c.Condition(c.DEGRADED, "True", problem.reason, problem.message)
     else:
@@ -155,6 +177,10 @@ def compute_status(
 
     for cond in (ready, repo, progressing, degraded):
         conds = _set(conds, cond, now, generation)
+    if rollout.metrics is not None:
+        conds = _set(conds, rollout.metrics, now, generation)
+    else:
+        conds = c.remove_condition(conds, c.METRICS_AVAILABLE)
 
     old_stable: Mapping[str, Any] = old.get("stable") or {}
     if decision.stable == latest and held is None:

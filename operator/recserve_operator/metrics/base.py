@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,12 +18,25 @@ __all__ = [
     "collect_ab_counts",
     "collect_measurements",
     "get_metrics_provider",
+    "redact_url",
     "render_query",
 ]
 
 
 class MetricsError(RuntimeError):
-    """A metrics backend could not answer (unreachable, bad query, unexpected result shape)."""
+    """A metrics backend could not answer (unreachable, bad query, unexpected result shape).
+
+    Its message goes into status conditions and logs: it never carries credentials (see redact_url).
+    """
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password@ (a Prometheus URL may carry basic-auth credentials), for messages."""
+    head, sep, tail = url.partition("://")
+    if not sep:
+        head, tail = "", url
+    authority, slash, path = tail.partition("/")
+    return f"{head}{sep}{authority.rpartition('@')[2]}{slash}{path}"
 
 
 class UnknownProviderError(ValueError):
@@ -119,12 +133,23 @@ def collect_ab_counts(
     variant_label: str = "variant",
 ) -> Counts:
     """Clicks and impressions of one variant, from queries with a {{variant}} placeholder or `by (variant)`."""
-    values = [
-        _variant_value(provider, q, variant=variant, revision=revision, elapsed_s=elapsed_s, label=variant_label)
-        for q in (ab.clicks, ab.impressions)
-    ]
-    clicks, imps = values
-    return Counts(clicks=round(clicks or 0.0), impressions=round(imps or 0.0))
+    clicks, imps = (
+        _count(
+            _variant_value(provider, q, variant=variant, revision=revision, elapsed_s=elapsed_s, label=variant_label),
+            f"{what} of variant {variant!r}",
+        )
+        for q, what in ((ab.clicks, "clicks"), (ab.impressions, "impressions"))
+    )
+    return Counts(clicks=clicks, impressions=imps)
+
+
+def _count(value: float | None, what: str) -> int:
+    # The statistics need finite, non-negative counts (round(inf) raises); anything else is a query or backend fault.
+    if value is None:
+        return 0
+    if not math.isfinite(value) or value < 0:
+        raise MetricsError(f"{what} is {value}, not a count")
+    return round(value)
 
 
 def get_metrics_provider(kind: str, url: str, *, timeout_s: float = 5.0) -> MetricsProvider:

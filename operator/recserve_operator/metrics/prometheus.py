@@ -15,17 +15,20 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import requests
 
 from recserve_operator.builders.common import SERIES_REVISION_LABEL
-from recserve_operator.metrics.base import MetricsError, TritonSeries
+from recserve_operator.metrics.base import MetricsError, TritonSeries, redact_url
 
 __all__ = ["REVISION_LABEL", "VARIANT_LABEL", "PrometheusProvider", "triton_queries"]
 
 REVISION_LABEL = SERIES_REVISION_LABEL
 VARIANT_LABEL = "variant"
+_CONNECTION_PREFIX_RE = re.compile(r"^\w*HTTPS?Connection(Pool)?\([^)]*\):\s*")
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def triton_queries(revision: str, window_s: float, label: str = REVISION_LABEL) -> dict[str, str]:
@@ -42,12 +45,17 @@ def triton_queries(revision: str, window_s: float, label: str = REVISION_LABEL) 
 
 
 class PrometheusProvider:
-    """Instant queries against the Prometheus HTTP API (`/api/v1/query`)."""
+    """Instant queries against the Prometheus HTTP API (`/api/v1/query`).
+
+    Every failure is a MetricsError whose message is short, stable between attempts (no object addresses, no
+    encoded query strings: it lands in a status condition) and free of the URL's credentials.
+    """
 
     def __init__(self, url: str, *, timeout_s: float = 5.0, session: requests.Session | None = None) -> None:
         if not url.startswith(("http://", "https://")):
-            raise MetricsError(f"prometheus URL must start with http:// or https://, got {url!r}")
+            raise MetricsError(f"prometheus URL must start with http:// or https://, got {redact_url(url)!r}")
         self.url = url.rstrip("/")
+        self.shown = redact_url(self.url)
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
 
@@ -56,13 +64,18 @@ class PrometheusProvider:
         try:
             resp = self.session.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout_s)
         except requests.Timeout as exc:
-            raise MetricsError(f"prometheus at {self.url} timed out after {self.timeout_s}s: {promql}") from exc
+            raise MetricsError(f"prometheus at {self.shown} timed out after {self.timeout_s:g}s") from exc
         except requests.RequestException as exc:
-            raise MetricsError(f"prometheus at {self.url} unreachable: {exc}") from exc
+            raise MetricsError(f"prometheus at {self.shown} unreachable: {_cause(exc)}") from exc
         try:
             body = resp.json()
         except ValueError:
-            raise MetricsError(f"prometheus returned HTTP {resp.status_code} with a non-JSON body") from None
+            kind = (getattr(resp, "headers", None) or {}).get("Content-Type", "unknown content type")
+            raise MetricsError(f"prometheus at {self.shown} answered HTTP {resp.status_code} with a non-JSON body"
+                               f" ({kind})") from None  # fmt: skip
+        if not isinstance(body, dict):
+            raise MetricsError(f"prometheus at {self.shown} answered HTTP {resp.status_code} with JSON that is not"
+                               " an API response")  # fmt: skip
         if resp.status_code != 200 or body.get("status") != "success":
             raise MetricsError(
                 f"prometheus query failed ({resp.status_code} {body.get('errorType', '')}: {body.get('error', '')}):"
@@ -76,25 +89,25 @@ class PrometheusProvider:
     def query_scalar(self, query: str) -> float | None:
         data = self.query(query)
         kind, result = data.get("resultType"), data.get("result")
-        if kind == "scalar" and isinstance(result, list):
-            value = float(result[1])
+        if kind == "scalar":
+            value = _sample(result, query)
         elif kind == "vector" and isinstance(result, list):
             if not result:
                 return None
             if len(result) > 1:
-                labels = [r.get("metric", {}) for r in result[:3]]
+                labels = [_labels(r, query) for r in result[:3]]
                 raise MetricsError(f"expected one series, got {len(result)} (e.g. {labels}); use sum(): {query}")
-            value = float(result[0]["value"][1])
+            value = _series_value(result[0], query)
         else:
-            raise MetricsError(f"expected a scalar or instant vector, got {kind}: {query}")
+            raise MetricsError(f"expected a scalar or instant vector, got {_shape(kind, result)}: {query}")
         return None if math.isnan(value) else value
 
     def query_vector(self, query: str) -> list[tuple[dict[str, str], float]]:
         data = self.query(query)
         kind, result = data.get("resultType"), data.get("result")
         if kind != "vector" or not isinstance(result, list):
-            raise MetricsError(f"expected an instant vector, got {kind}: {query}")
-        out = [(dict(r.get("metric", {})), float(r["value"][1])) for r in result]
+            raise MetricsError(f"expected an instant vector, got {_shape(kind, result)}: {query}")
+        out = [(_labels(r, query), _series_value(r, query)) for r in result]
         return [(labels, v) for labels, v in out if not math.isnan(v)]
 
     def triton_series(self, revision: str, window_s: float) -> TritonSeries:
@@ -110,3 +123,42 @@ class PrometheusProvider:
         if p99_us is None:
             p99_us = self.query_scalar(q["avg_us"])
         return TritonSeries(total, error_rate, None if p99_us is None else p99_us / 1000.0, is_average)
+
+
+def _cause(exc: requests.RequestException) -> str:
+    """The innermost reason a request failed ("[Errno 111] Connection refused"), without the pool, the URL with
+    its encoded query, or object addresses that differ between attempts."""
+    reason: object = exc.args[0] if exc.args else exc
+    reason = getattr(reason, "reason", None) or reason  # urllib3's MaxRetryError wraps the real error
+    text = _ADDRESS_RE.sub("", _CONNECTION_PREFIX_RE.sub("", str(reason)))
+    return text or type(exc).__name__
+
+
+def _shape(kind: object, result: object) -> str:
+    return f"resultType {kind!r} with a {type(result).__name__} result"
+
+
+def _sample(sample: object, query: str) -> float:
+    """The value of a `[timestamp, "value"]` pair."""
+    if not isinstance(sample, list | tuple) or len(sample) != 2:
+        raise MetricsError(f"expected a [timestamp, value] sample, got {type(sample).__name__}: {query}")
+    value = sample[1]
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise MetricsError(f"expected a numeric sample value, got {type(value).__name__}: {query}")
+    try:
+        return float(value)
+    except ValueError:
+        raise MetricsError(f"sample value {str(value)[:40]!r} is not a number: {query}") from None
+
+
+def _series_value(series: object, query: str) -> float:
+    if not isinstance(series, dict):
+        raise MetricsError(f"expected a series object, got {type(series).__name__}: {query}")
+    return _sample(series.get("value"), query)
+
+
+def _labels(series: object, query: str) -> dict[str, str]:
+    metric = series.get("metric", {}) if isinstance(series, dict) else None
+    if not isinstance(metric, dict):
+        raise MetricsError(f"expected a series with a label object, got {type(metric).__name__}: {query}")
+    return {str(k): str(v) for k, v in metric.items()}

@@ -6,9 +6,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
+from recserve_operator.conditions import PROGRESS_DEADLINE_EXCEEDED
 from recserve_operator.rollout.analysis import AnalysisResult, Verdict
-from recserve_operator.rollout.policy import ManualAction, RolloutPolicy, Strategy
-from recserve_operator.rollout.state import AbStatus, ControlRecord, Phase, RolloutState, VariantStats
+from recserve_operator.rollout.policy import DeadlineAction, ManualAction, RolloutPolicy, Strategy
+from recserve_operator.rollout.state import AbStatus, ControlRecord, Phase, RolloutState, VariantStats, format_time
 from recserve_operator.rollout.statistics import AbDecision, AbVerdict
 
 __all__ = ["Action", "Decision", "Event", "Observation", "TrafficWeights", "next_step", "spec_action"]
@@ -214,18 +215,20 @@ def _promote(state: RolloutState, why: str, now: datetime) -> Decision:
     if ab is not None and ab.decided_at is None:
         ab = replace(ab, decided_at=now)
     new = state.evolve(
-        phase=Phase.PROMOTED, stable_revision=rev, weight=0, step_started_at=None, paused=False, message=msg, ab=ab
-    )
+        phase=Phase.PROMOTED, stable_revision=rev, weight=0, step_started_at=None, paused=False, message=msg, ab=ab,
+        reason="",
+    )  # fmt: skip
     return Decision(new, TrafficWeights.stable_only(), Action.PROMOTE, msg, Event("Normal", "Promoted", msg))
 
 
-def _end(state: RolloutState, phase: Phase, why: str, now: datetime) -> Decision:
+def _end(state: RolloutState, phase: Phase, why: str, now: datetime, reason: str | None = None) -> Decision:
+    """Roll back or abort; `reason` (default RolledBack / Aborted) names the condition reason and the event."""
     msg = f"{'aborted' if phase is Phase.ABORTED else 'rolled back'} {state.revision}: {why}"
     ab = state.ab
     if ab is not None and ab.decided_at is None:
         ab = replace(ab, decided_at=now)
-    new = state.evolve(phase=phase, weight=0, step_started_at=None, paused=False, message=msg, ab=ab)
-    reason = "Aborted" if phase is Phase.ABORTED else "RolledBack"
+    reason = reason or ("Aborted" if phase is Phase.ABORTED else "RolledBack")
+    new = state.evolve(phase=phase, weight=0, step_started_at=None, paused=False, message=msg, ab=ab, reason=reason)
     return Decision(new, TrafficWeights.stable_only(), Action.ROLL_BACK, msg, Event("Warning", reason, msg))
 
 
@@ -233,6 +236,15 @@ def _record_analysis(state: RolloutState, obs: Observation, now: datetime, decis
     if obs.analysis is None:
         return state
     return state.evolve(last_analysis=obs.analysis.to_status(now, decision))
+
+
+def _note_evidence(state: RolloutState, obs: Observation, now: datetime) -> RolloutState:
+    """Restart the progressDeadline clock on a conclusive look: the guardrail analysis passed or failed, or the A/B
+    test counted impressions of both variants (its undecided looks are progress; maxDuration bounds those)."""
+    analysis, ab = obs.analysis, obs.ab
+    decided = analysis is not None and analysis.verdict in (Verdict.PASS, Verdict.FAIL)
+    counted = ab is not None and min(ab.stable.impressions, ab.candidate.impressions) > 0
+    return state.evolve(last_conclusive_at=now) if decided or counted else state
 
 
 def _record_ab(state: RolloutState, verdict: AbVerdict | None, winner: str | None, now: datetime) -> RolloutState:
@@ -272,7 +284,7 @@ def _progress(
     if not obs.candidate_available:
         # Traffic never goes to a candidate that is not Available. The step restarts when it is back.
         msg = f"candidate {state.revision} is not Available; all traffic on stable"
-        new = state.evolve(weight=0, step_started_at=None, message=msg)
+        new = state.evolve(weight=0, step_started_at=None, message=msg, reason="")
         event = Event("Warning", "CandidateUnavailable", msg) if state.weight > 0 else None
         action_out = Action.SET_WEIGHT if state.weight > 0 else Action.WAIT
         return Decision(new, TrafficWeights.stable_only(), action_out, msg, event, READINESS_POLL_S)
@@ -288,11 +300,12 @@ def _progress(
         return Decision(new, _weights(new, True), Action.PAUSE, msg, Event("Normal", "Paused", msg), None, action)
     if action is ManualAction.RESUME and state.paused:
         msg = f"resumed at {state.weight}%; {_stage(policy, state)} restarts its pause"
-        new = state.evolve(paused=False, step_started_at=now, message=msg)
+        new = state.evolve(paused=False, step_started_at=now, message=msg, reason="")  # the step and its clock restart
         return Decision(
             new, _weights(new, True), Action.RESUME, msg, Event("Normal", "Resumed", msg), _requeue(policy, new, now),
             action,
         )  # fmt: skip
+    state = _note_evidence(state, obs, now)
     # A pause stops progress, not protection: failed checks still roll back while paused.
     decision = _guardrails(policy, state, obs, now)
     if decision is not None:
@@ -305,6 +318,10 @@ def _progress(
         return Decision(new, _weights(new, True), Action.WAIT, msg, None, requeue, handled)
     passed = not policy.analysis.enabled or (obs.analysis is not None and obs.analysis.verdict is Verdict.PASS)
     state = state.evolve(failed_checks=0) if passed else state
+    stalled = _deadline(policy, state, obs, now)
+    if stalled is not None:
+        return stalled
+    state = state.evolve(reason="")  # within the deadline again: a hold, if there was one, is over
     if policy.strategy is Strategy.AB_TEST:
         return _ab_step(policy, state, obs, now)
     return _canary_step(policy, state, obs, now, passed)
@@ -338,6 +355,34 @@ def _guardrails(policy: RolloutPolicy, state: RolloutState, obs: Observation, no
                     _requeue(policy, new, now))  # fmt: skip
 
 
+def _deadline(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime) -> Decision | None:
+    """progressDeadline: a step whose every analysis was inconclusive (too few requests, no data, metrics
+    unavailable) for that long ends as onProgressDeadline says.
+
+    The clock starts when the step starts and again at each conclusive look (`_note_evidence`): it measures time
+    without evidence, so a long pause with passing looks never runs out, and a pause does not hide a step nobody can
+    judge. A manual pause stops it (checked before); a resume restarts the step and with it the clock.
+    """
+    if not policy.analysis.enabled or _ab_expired(policy, state, now):
+        return None  # an A/B test at maxDuration ends as its own rule says
+    starts = [t for t in (state.step_started_at, state.last_conclusive_at) if t is not None]
+    since = max(starts) if starts else now
+    if _seconds_since(since, now) < policy.progress_deadline_s:
+        return None
+    last = obs.analysis.reason if obs.analysis is not None else (state.last_analysis or {}).get("reason")
+    # Stated with a timestamp, not a running count, so a held step does not rewrite its status every resync.
+    why = (f"no conclusive analysis since {format_time(since)} (progressDeadline {policy.progress_deadline_s:g}s);"
+           f" last: {last or 'no analysis result'}")  # fmt: skip
+    if policy.on_progress_deadline is DeadlineAction.ROLLBACK:
+        new = _record_analysis(state, obs, now, "rollback")
+        return _end(new, Phase.ROLLED_BACK, why, now, reason=PROGRESS_DEADLINE_EXCEEDED)
+    msg = f"{_stage(policy, state)} at {state.weight}%: held, {why}"
+    first = state.reason != PROGRESS_DEADLINE_EXCEEDED
+    event = Event("Warning", PROGRESS_DEADLINE_EXCEEDED, msg) if first else None
+    new = _record_analysis(state.evolve(message=msg, reason=PROGRESS_DEADLINE_EXCEEDED), obs, now, "hold")
+    return Decision(new, _weights(new, True), Action.WAIT, msg, event, _requeue(policy, new, now))
+
+
 def _canary_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime, passed: bool) -> Decision:
     step = policy.steps[state.step]
     elapsed = _seconds_since(state.step_started_at, now)
@@ -347,7 +392,9 @@ def _canary_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, n
         new = _record_analysis(state.evolve(message=msg), obs, now, "wait")
         return Decision(new, _weights(new, True), Action.WAIT, msg, None, _requeue(policy, new, now))
     if not passed:
-        why = obs.analysis.reason if obs.analysis is not None else "inconclusive: no analysis result yet"
+        # Between looks the last look's reason stands, so the status does not flip at every resync.
+        last = (state.last_analysis or {}).get("reason") or "inconclusive: no analysis result yet"
+        why = obs.analysis.reason if obs.analysis is not None else last
         msg = f"{stage} at {state.weight}%: pause done, waiting for a passing analysis ({why})"
         new = _record_analysis(state.evolve(message=msg), obs, now, "wait")
         return Decision(new, _weights(new, True), Action.WAIT, msg, None, _requeue(policy, new, now))
@@ -371,17 +418,22 @@ def _last_look(state: RolloutState) -> str:
     return f"last look: sequential p={ab.sequential_p_value:.3g} with at least {fewest} impressions per variant"
 
 
-def _ab_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime) -> Decision:
+def _ab_expired(policy: RolloutPolicy, state: RolloutState, now: datetime) -> bool:
+    if policy.strategy is not Strategy.AB_TEST:
+        return False
     ab = policy.analysis.ab_test
+    return _seconds_since(state.started_at, now) >= (ab.max_duration_s if ab is not None else 86400.0)
+
+
+def _ab_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime) -> Decision:
     verdict = obs.ab
-    max_duration = ab.max_duration_s if ab is not None else 86400.0
     if verdict is not None and verdict.decision is AbDecision.CANDIDATE_WINS:
         new = _record_analysis(_record_ab(state, verdict, "canary", now), obs, now, "promote")
         return _promote(new, f"A/B test: {verdict.reason}", now)
     if verdict is not None and verdict.decision is AbDecision.STABLE_WINS:
         new = _record_analysis(_record_ab(state, verdict, "stable", now), obs, now, "rollback")
         return _end(new, Phase.ROLLED_BACK, f"A/B test: {verdict.reason}; keeping stable", now)
-    if _seconds_since(state.started_at, now) >= max_duration:
+    if _ab_expired(policy, state, now):
         new = _record_analysis(_record_ab(state, verdict, "none", now), obs, now, "rollback")
         why = verdict.reason if verdict is not None else _last_look(state)
         return _end(new, Phase.ROLLED_BACK, f"A/B test: no significant difference after maxDuration ({why}); "

@@ -15,6 +15,7 @@ __all__ = [
     "AbTestPolicy",
     "AnalysisPolicy",
     "CanaryStep",
+    "DeadlineAction",
     "ManualAction",
     "MetricCheck",
     "ParentRef",
@@ -34,6 +35,9 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PROMQL_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _PROMQL_RANGE_RE = re.compile(r"\[([^\[\]]*)\]")
 ELAPSED = "{{elapsed}}"
+# Thirty looks at the default 1m interval: room for a low-weight step to gather minRequests, short enough that a
+# rollout nobody can judge does not hold part of the traffic overnight.
+DEFAULT_PROGRESS_DEADLINE_S = 1800.0  # the CRD's default, 30m
 
 
 class PolicyError(ValueError):
@@ -49,6 +53,13 @@ class Strategy(StrEnum):
 class RoutingProvider(StrEnum):
     BUILTIN = "builtin"
     GATEWAY_API = "gatewayAPI"
+
+
+class DeadlineAction(StrEnum):
+    """What happens when no analysis was conclusive for `progressDeadline`."""
+
+    ROLLBACK = "rollback"  # all traffic back to stable, rollout ends RolledBack (ProgressDeadlineExceeded)
+    HOLD = "hold"  # keep the current weight and say so; progress resumes with the next conclusive analysis
 
 
 class ManualAction(StrEnum):
@@ -155,6 +166,9 @@ class RolloutPolicy:
     routing: RoutingPolicy = RoutingPolicy()
     analysis: AnalysisPolicy = AnalysisPolicy()
     action: ManualAction = ManualAction.NONE
+    # Longest a canary/abTest step may go without a conclusive analysis (only when analysis is enabled).
+    progress_deadline_s: float = DEFAULT_PROGRESS_DEADLINE_S
+    on_progress_deadline: DeadlineAction = DeadlineAction.ROLLBACK
 
     @classmethod
     def from_spec(cls, d: Mapping[str, Any] | None, default_prometheus: str = "") -> RolloutPolicy:
@@ -178,7 +192,11 @@ class RolloutPolicy:
                 raise PolicyError("rollout.analysis.abTest: clicks and impressions queries are required for abTest")
             if not analysis.enabled:
                 raise PolicyError("rollout.analysis.prometheus: required for abTest")
-        return cls(strategy=strategy, steps=steps, routing=routing, analysis=analysis, action=action)
+        deadline, on_deadline = _parse_deadline(d, analysis, strategy)
+        return cls(
+            strategy=strategy, steps=steps, routing=routing, analysis=analysis, action=action,
+            progress_deadline_s=deadline, on_progress_deadline=on_deadline,
+        )  # fmt: skip
 
 
 def _mapping(value: object, field: str) -> Mapping[str, Any]:
@@ -343,3 +361,19 @@ def _parse_analysis(d: Mapping[str, Any], default_prometheus: str) -> AnalysisPo
         checks=_parse_checks(d.get("checks") or []),
         ab_test=_parse_ab(_mapping(ab_raw, f"{f}.abTest")) if ab_raw else None,
     )
+
+
+def _parse_deadline(
+    d: Mapping[str, Any], analysis: AnalysisPolicy, strategy: Strategy
+) -> tuple[float, DeadlineAction]:
+    deadline = parse_duration(d.get("progressDeadline", DEFAULT_PROGRESS_DEADLINE_S), "rollout.progressDeadline")
+    if deadline <= 0:
+        raise PolicyError("rollout.progressDeadline: must be > 0 (use onProgressDeadline: hold to wait indefinitely)")
+    if strategy is not Strategy.IMMEDIATE and analysis.enabled and deadline <= analysis.interval_s:
+        # Otherwise the deadline could pass before the step's first look at the metrics.
+        raise PolicyError(
+            f"rollout.progressDeadline: {deadline:g}s must be longer than rollout.analysis.interval"
+            f" ({analysis.interval_s:g}s)"
+        )
+    action = d.get("onProgressDeadline", DeadlineAction.ROLLBACK.value)
+    return deadline, _enum(DeadlineAction, action, "rollout.onProgressDeadline")

@@ -48,6 +48,13 @@ def _pair(value: object) -> tuple[float, float] | None:
     return None
 
 
+def _conclusive_time(last_analysis: object) -> datetime | None:
+    """Status written before lastConclusiveAt existed: its last analysis, if that one passed or failed."""
+    if not isinstance(last_analysis, Mapping) or last_analysis.get("verdict") not in ("pass", "fail"):
+        return None
+    return parse_time(last_analysis.get("time"))
+
+
 @dataclass(frozen=True)
 class VariantStats:
     name: str
@@ -155,8 +162,14 @@ class RolloutState:
     paused: bool = False
     failed_checks: int = 0
     last_analysis: Mapping[str, Any] | None = None
+    # When a look was last conclusive (machine._note_evidence): the progressDeadline clock runs from this or the
+    # step's start, whichever is later.
+    last_conclusive_at: datetime | None = None
     ab: AbStatus | None = None
     message: str = ""
+    # CamelCase condition reason: why the rollout ended (RolledBack, Aborted, ProgressDeadlineExceeded), or
+    # ProgressDeadlineExceeded while a step is held past its deadline.
+    reason: str = ""
     control: ControlRecord | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # unknown status.canary keys, preserved verbatim
 
@@ -189,7 +202,9 @@ class RolloutState:
                 "paused": self.paused,
                 "failedChecks": self.failed_checks,
                 "lastAnalysis": dict(self.last_analysis) if self.last_analysis is not None else None,
+                "lastConclusiveAt": format_time(self.last_conclusive_at),
                 "message": self.message,
+                "reason": self.reason or None,
                 "control": self.control.to_dict() if self.control is not None else None,
             }
         )
@@ -204,7 +219,8 @@ class RolloutState:
         c: Mapping[str, Any] = status.get("canary") or {}
         known = {
             "phase", "stableRevision", "revision", "weight", "step", "stepStartedAt", "startedAt",
-            "paused", "failedChecks", "lastAnalysis", "message", "splitStartedAt", "control",
+            "paused", "failedChecks", "lastAnalysis", "message", "splitStartedAt", "control", "lastConclusiveAt",
+            "reason",
         }  # fmt: skip
         try:
             phase = Phase(c.get("phase") or Phase.IDLE.value)
@@ -223,8 +239,10 @@ class RolloutState:
             paused=bool(c.get("paused", False)),
             failed_checks=int(c.get("failedChecks") or 0),
             last_analysis=c.get("lastAnalysis"),
+            last_conclusive_at=parse_time(c.get("lastConclusiveAt")) or _conclusive_time(c.get("lastAnalysis")),
             ab=AbStatus.from_dict(ab_raw) if isinstance(ab_raw, Mapping) else None,
             message=str(c.get("message") or ""),
+            reason=str(c.get("reason") or ""),
             control=ControlRecord.from_dict(c.get("control")),
             extra={k: v for k, v in c.items() if k not in known},
         )

@@ -73,3 +73,5 @@ def analysis(verdict: Verdict, requests: float = 1000.0, error_rate: float = 0.0
 PASS = analysis(Verdict.PASS)
 FAIL = analysis(Verdict.FAIL, error_rate=0.2)
 INCONCLUSIVE = analysis(Verdict.INCONCLUSIVE, requests=3)
+# What strategies.py makes of a MetricsError: an inconclusive look.
+UNAVAILABLE = AnalysisResult(Verdict.INCONCLUSIVE, "inconclusive: metrics unavailable: prometheus unreachable (test)")

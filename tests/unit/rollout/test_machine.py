@@ -10,17 +10,21 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from recserve_operator.rollout.machine import Action, Observation, next_step
-from recserve_operator.rollout.policy import ManualAction, RolloutPolicy
+from recserve_operator.rollout.policy import DeadlineAction, ManualAction, RolloutPolicy, Strategy
 from recserve_operator.rollout.state import ControlRecord, Phase, RolloutState
 from recserve_operator.rollout.statistics import AbDecision, AbVerdict, Counts
 
-from .helpers import AB_SPEC, CANARY_SPEC, FAIL, INCONCLUSIVE, PASS, T0, at, policy, spec
+from .helpers import AB_SPEC, CANARY_SPEC, FAIL, INCONCLUSIVE, PASS, T0, UNAVAILABLE, at, policy, spec
 
 CANARY = policy()
 CANARY_LIMIT_2 = policy(analysis__failureLimit=2)
 NO_ANALYSIS = RolloutPolicy.from_spec(spec(CANARY_SPEC, analysis={}))
 IMMEDIATE = RolloutPolicy.from_spec({"strategy": "immediate"})
 AB = policy(AB_SPEC)
+DEADLINE = policy(progressDeadline="10m")
+HOLD = policy(progressDeadline="10m", onProgressDeadline="hold")
+AB_DEADLINE = policy(AB_SPEC, progressDeadline="10m")
+PDE = "ProgressDeadlineExceeded"
 
 
 def idle() -> RolloutState:
@@ -173,6 +177,59 @@ CASES = [
     Case("an A/B test whose candidate fails a guardrail check rolls back",
          AB, at_step(0, 50), obs(analysis=FAIL, ab=verdict(AbDecision.CONTINUE)), 600, Action.ROLL_BACK, 0,
          Phase.ROLLED_BACK),
+    # progressDeadline: time without a conclusive analysis.
+    Case("an inconclusive analysis within progressDeadline waits at the step's weight",
+         DEADLINE, at_step(0, 10), obs(analysis=INCONCLUSIVE), 599, Action.WAIT, 10, Phase.PROGRESSING,
+         {"reason": ""}),
+    Case("a step whose analyses stay inconclusive past progressDeadline rolls back with ProgressDeadlineExceeded",
+         DEADLINE, at_step(0, 10), obs(analysis=INCONCLUSIVE), 600, Action.ROLL_BACK, 0, Phase.ROLLED_BACK,
+         {"reason": PDE, "stable_revision": "r1"}, PDE),
+    Case("a metrics outage past progressDeadline rolls back like any inconclusive analysis",
+         DEADLINE, at_step(0, 10), obs(analysis=UNAVAILABLE), 600, Action.ROLL_BACK, 0, Phase.ROLLED_BACK,
+         {"reason": PDE}, PDE),
+    Case("a reconcile without a look past progressDeadline rolls back when no look was conclusive",
+         DEADLINE, at_step(0, 10), obs(analysis=None), 601, Action.ROLL_BACK, 0, Phase.ROLLED_BACK, {"reason": PDE},
+         PDE),
+    Case("the progressDeadline clock restarts at the last conclusive analysis",
+         DEADLINE, at_step(0, 10, last_conclusive_at=at(300)), obs(analysis=INCONCLUSIVE), 899, Action.WAIT, 10,
+         Phase.PROGRESSING),
+    Case("the progressDeadline clock restarts when a step starts",
+         DEADLINE, at_step(1, 50, started=400), obs(analysis=INCONCLUSIVE), 999, Action.WAIT, 50, Phase.PROGRESSING),
+    Case("a passing analysis past progressDeadline advances the step and restarts the clock",
+         DEADLINE, at_step(0, 10), obs(), 900, Action.SET_WEIGHT, 50, Phase.PROGRESSING,
+         {"step": 1, "last_conclusive_at": at(900)}, "StepAdvanced"),
+    Case("a failed check below failureLimit is conclusive and restarts the clock",
+         policy(progressDeadline="10m", analysis__failureLimit=3), at_step(0, 10), obs(analysis=FAIL), 900,
+         Action.WAIT, 10, Phase.PROGRESSING, {"failed_checks": 1, "last_conclusive_at": at(900)}, "AnalysisFailed"),
+    Case("the progressDeadline also runs during a step's pause",
+         policy(progressDeadline="10m", steps=[{"weight": 10, "pause": "1h"}]), at_step(0, 10),
+         obs(analysis=INCONCLUSIVE), 600, Action.ROLL_BACK, 0, Phase.ROLLED_BACK, {"reason": PDE}, PDE),
+    Case("a manually paused step does not run out its progressDeadline",
+         DEADLINE, at_step(0, 10, paused=True), obs(analysis=INCONCLUSIVE), 3600, Action.WAIT, 10, Phase.PROGRESSING,
+         {"paused": True, "reason": ""}),
+    Case("without analysis the progressDeadline does not apply and steps advance on time",
+         NO_ANALYSIS, at_step(0, 10), obs(analysis=None), 7200, Action.SET_WEIGHT, 50, Phase.PROGRESSING),
+    Case("with onProgressDeadline hold a step past its deadline keeps its weight and says why",
+         HOLD, at_step(0, 10), obs(analysis=UNAVAILABLE), 600, Action.WAIT, 10, Phase.PROGRESSING,
+         {"reason": PDE, "step": 0}, PDE),
+    Case("a held step carries on when an analysis passes again",
+         HOLD, at_step(0, 10, reason=PDE), obs(), 1200, Action.SET_WEIGHT, 50, Phase.PROGRESSING,
+         {"reason": "", "step": 1}, "StepAdvanced"),
+    Case("a held step stops being held when a resume restarts it",
+         HOLD, at_step(0, 10, reason=PDE, paused=True), obs(action=ManualAction.RESUME, analysis=INCONCLUSIVE), 1200,
+         Action.RESUME, 10, Phase.PROGRESSING, {"step_started_at": at(1200), "reason": ""}, "Resumed"),
+    Case("a manual promote of a held step promotes and clears the hold",
+         HOLD, at_step(0, 10, reason=PDE), obs(action=ManualAction.PROMOTE, analysis=INCONCLUSIVE), 1200,
+         Action.PROMOTE, 0, Phase.PROMOTED, {"reason": ""}, "Promoted"),
+    Case("an A/B test that counts impressions of both variants is making progress past progressDeadline",
+         AB_DEADLINE, at_step(0, 50), obs(analysis=INCONCLUSIVE, ab=verdict(AbDecision.CONTINUE)), 3600,
+         Action.WAIT, 50, Phase.PROGRESSING, {"last_conclusive_at": at(3600)}),
+    Case("an A/B test that cannot measure anything past progressDeadline rolls back",
+         AB_DEADLINE, at_step(0, 50), obs(analysis=UNAVAILABLE), 600, Action.ROLL_BACK, 0, Phase.ROLLED_BACK,
+         {"reason": PDE}, PDE),
+    Case("an A/B test at maxDuration ends by its own rule even when nothing was measured",
+         AB_DEADLINE, at_step(0, 50), obs(analysis=UNAVAILABLE), 86400, Action.ROLL_BACK, 0, Phase.ROLLED_BACK,
+         {"reason": "RolledBack"}, "RolledBack"),
 ]  # fmt: skip
 
 
@@ -278,14 +335,16 @@ observations = st.builds(
     Observation,
     desired_revision=st.sampled_from(["r1", "r2", "r3"]),
     candidate_available=st.booleans(),
-    analysis=st.sampled_from([PASS, FAIL, INCONCLUSIVE, None]),
+    analysis=st.sampled_from([PASS, FAIL, INCONCLUSIVE, UNAVAILABLE, None]),
     action=st.sampled_from(list(ManualAction)),
 )
+DEADLINE_2M = policy(progressDeadline="2m")
+HOLD_2M = policy(progressDeadline="2m", onProgressDeadline="hold")
 
 
 @settings(max_examples=200, deadline=None)
 @given(
-    pol=st.sampled_from([CANARY, CANARY_LIMIT_2, NO_ANALYSIS, IMMEDIATE]),
+    pol=st.sampled_from([CANARY, CANARY_LIMIT_2, NO_ANALYSIS, IMMEDIATE, DEADLINE_2M, HOLD_2M]),
     seq=st.lists(st.tuples(observations, st.floats(0, 900)), min_size=1, max_size=25),
 )
 def test_invariants_hold_for_any_sequence_of_observations(
@@ -304,10 +363,37 @@ def test_invariants_hold_for_any_sequence_of_observations(
         if d.weights.canary > 0:
             assert d.state.phase is Phase.PROGRESSING and d.state.revision == o.desired_revision
         assert d.state.stable_revision is not None
+        _assert_progress_needs_evidence(pol, o, d)
         # An operator restart between any two reconciles sees the same state.
         restored = RolloutState.from_status(yaml.safe_load(yaml.safe_dump(d.state.to_status())))
         assert restored.to_status() == d.state.to_status()
         state = restored
+
+
+def _assert_progress_needs_evidence(pol: RolloutPolicy, o: Observation, d: Any) -> None:
+    """Nothing advances or promotes on missing evidence (an outage is an inconclusive look); a deadline says so."""
+    event = d.event.reason if d.event else None
+    if pol.analysis.enabled and pol.strategy is Strategy.CANARY:
+        advanced = event == "StepAdvanced" or (d.action is Action.PROMOTE and o.action is not ManualAction.PROMOTE)
+        assert not advanced or o.analysis is PASS, (d.reason, o)
+    if event == PDE:
+        assert d.state.reason == PDE
+    if d.state.phase is Phase.PROGRESSING and d.state.reason:
+        assert d.state.reason == PDE and pol.on_progress_deadline is DeadlineAction.HOLD
+
+
+def test_a_held_step_posts_its_event_once() -> None:
+    first = next_step(HOLD, at_step(0, 10), obs(analysis=INCONCLUSIVE), at(600))
+    again = next_step(HOLD, first.state, obs(analysis=INCONCLUSIVE), at(660))
+    assert first.event is not None and first.event.reason == PDE
+    assert again.event is None and again.state.reason == PDE and again.weights.canary == 10
+    assert again.state.message == first.state.message, "a held step must not rewrite its status every resync"
+
+
+def test_a_deadline_rollback_names_the_last_analysis_and_the_deadline() -> None:
+    d = next_step(DEADLINE, at_step(0, 10), obs(analysis=UNAVAILABLE), at(600))
+    assert "progressDeadline 600s" in d.reason and "metrics unavailable" in d.reason
+    assert d.state.to_status()["canary"]["reason"] == PDE
 
 
 def test_an_annotation_action_without_a_rollout_is_consumed() -> None:

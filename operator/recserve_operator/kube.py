@@ -160,6 +160,21 @@ class Kube:
             raise
         return result
 
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> dict[str, Any] | None:
+        """Merge-patch only a Deployment's spec.replicas (a revision whose spec the operator no longer builds, so
+        applying a partial object would drop the fields it owns); None when the Deployment is gone."""
+        resource = RESOURCES["Deployment"]
+        try:
+            result: dict[str, Any] = self._request(
+                "patch", "PATCH", resource.path(namespace, name), body={"spec": {"replicas": replicas}},
+                content_type="application/merge-patch+json", query=[("fieldManager", FIELD_MANAGER)],
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
     def patch_annotations(self, namespace: str, name: str, annotations: Mapping[str, str | None]) -> None:
         """Merge-patch annotations of a RecommenderModel (None removes one, e.g. a consumed rollout action)."""
         resource = RESOURCES["RecommenderModel"]

@@ -17,6 +17,11 @@ class TrafficDecision:
     weights: Mapping[str, int] = field(default_factory=dict)  # percent per revision (routers)
     promoted: str | None = None  # set when this decision made a new revision stable
     reason: str = ""
+    # The scale of each kept revision this decision sets (progressive strategies: the split's capacity, or the
+    # spec's scale between rollouts); a revision absent here keeps its scale (the spec's, for the spec's own
+    # revision). `replicas` applies without autoscaling, `hpa_bounds` (minReplicas, maxReplicas) with it.
+    replicas: Mapping[str, int] = field(default_factory=dict)
+    hpa_bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def decide_immediate(
@@ -50,6 +55,18 @@ def decide_immediate(
         weights={stable: 100, latest: 0},
         reason=f"waiting for revision {latest} to become Available",
     )
+
+
+@dataclass(frozen=True)
+class RouterObservation:
+    """The builtin router as the watch caches show it before a reconcile applies anything."""
+
+    deployment: Mapping[str, Any] | None = None
+    pods: tuple[Mapping[str, Any], ...] = ()
+
+    def serves(self, desired: Mapping[str, Any] | None) -> bool:
+        """Whether every router pod already routes by the plan `desired` (a router Deployment) renders."""
+        return router_serves(desired, self.deployment, self.pods)
 
 
 def router_serves(desired: Mapping[str, Any] | None, live: Mapping[str, Any] | None,

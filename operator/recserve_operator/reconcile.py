@@ -33,8 +33,9 @@ from recserve_operator.builders.pdb import build_pdb
 from recserve_operator.builders.service import build_revision_service, build_stable_service
 from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.kube import Kube, resource_of
-from recserve_operator.lifecycle import TrafficDecision, decide_immediate, router_serves
+from recserve_operator.lifecycle import RouterObservation, TrafficDecision, decide_immediate, router_serves
 from recserve_operator.observe import RevisionObservation, observe_revision
+from recserve_operator.routers.base import router_name
 from recserve_operator.routers.builtin import GRPC_SERVICE_PORT as ROUTER_GRPC_SERVICE_PORT
 from recserve_operator.routers.builtin import SERVICE_PORT as ROUTER_HTTP_PORT
 from recserve_operator.settings import OperatorDefaults
@@ -146,21 +147,13 @@ class Reconciler:
             spec = parse_spec(body.get("spec") or {})
             latest = revision_of(spec)
             ids = Ids(name=name, namespace=namespace, uid=uid, revision=latest)
-            desired_latest = self._desired_revision(spec, ids)
             if spec.rollout.strategy == "immediate":
                 decision = decide_traffic(spec, stable_rev, latest, observations)
             else:
-                # Imported on first use: the rollout statistics stack (scipy, statsmodels) costs ~85 MiB of RSS.
-                from recserve_operator.strategies import decide_progressive
-
-                progressive = decide_progressive(
-                    spec, name=name, namespace=namespace, owner_ref=owner_reference(ids), status=old_status,
-                    annotations=meta.get("annotations") or {}, latest=latest, observations=observations, now=now,
-                    default_prometheus=self.defaults.prometheus_url, router_image=self.defaults.router_image,
-                    router_placement=self.defaults.router_placement(),
-                    metrics=self._metrics,
-                )  # fmt: skip
+                progressive = self._decide_progressive(spec, ids, body, status=old_status, observations=observations,
+                                                       now=now)  # fmt: skip
                 decision = progressive.traffic
+            desired_latest = self._desired_revision(spec, ids, decision)
         except InvalidSpec as exc:
             status = invalid_status(
                 old_status, message=str(exc), generation=generation, now=now_s,
@@ -181,6 +174,7 @@ class Reconciler:
         for obj in desired:
             if self._apply_if_changed(obj):
                 counts["applied"] += 1
+        counts["applied"] += self._scale_kept(spec, ids, decision)
         # Revisions the decision dropped go only once the router no longer sends them anything (defect: the
         # old revision deleted in the reconcile that moved traffic failed requests at every promotion).
         if self._router_drained(namespace, name, progressive, decision.keep):
@@ -227,17 +221,78 @@ class Reconciler:
                 provider = self._providers[url] = get_metrics_provider("prometheus", url)
             return provider
 
-    def _desired_revision(self, spec: RecommenderModelSpec, ids: Ids) -> list[dict[str, Any]]:
+    def _decide_progressive(
+        self, spec: RecommenderModelSpec, ids: Ids, body: Mapping[str, Any], *, status: Mapping[str, Any],
+        observations: Mapping[str, RevisionObservation], now: datetime,
+    ) -> ProgressiveDecision:  # fmt: skip
+        # Imported on first use: the rollout statistics stack (scipy, statsmodels) costs ~85 MiB of RSS.
+        from recserve_operator.strategies import decide_progressive
+
+        return decide_progressive(
+            spec, name=ids.name, namespace=ids.namespace, owner_ref=owner_reference(ids), status=status,
+            annotations=body["metadata"].get("annotations") or {}, latest=ids.revision, observations=observations,
+            now=now, default_prometheus=self.defaults.prometheus_url, router_image=self.defaults.router_image,
+            router_placement=self.defaults.router_placement(), metrics=self._metrics,
+            router_live=self._router_observation(ids.namespace, ids.name),
+        )  # fmt: skip
+
+    def _router_observation(self, namespace: str, name: str) -> RouterObservation:
+        """The builtin router before this reconcile applies anything: the evidence of the plan it serves."""
+        router = router_name(name)
+        live = next(iter(self._live("Deployment", namespace, router)), None)
+        return RouterObservation(live, tuple(self.live.owned("Pod", namespace, router)))
+
+    def _desired_revision(
+        self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision
+    ) -> list[dict[str, Any]]:
+        """The spec's revision, at the scale the decision gives it (a rollout's share) or the spec's."""
         objs = [
             build_configmap(spec, ids),
-            build_deployment(spec, ids, self.defaults),
+            build_deployment(spec, ids, self.defaults, replicas=decision.replicas.get(ids.revision)),
             build_revision_service(spec, ids),
             build_pdb(spec, ids),
         ]
-        hpa = build_hpa(spec, ids)
+        hpa = build_hpa(spec, ids, bounds=decision.hpa_bounds.get(ids.revision))
         if hpa is not None:
             objs.append(hpa)
         return objs
+
+    def _scale_kept(self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision) -> int:
+        """Scale the kept revisions the spec no longer describes (the stable during a rollout, an old stable while
+        a promotion finishes) to the decision's targets: level-based, so between rollouts the stable is back at
+        the spec's scale. Their objects are not rebuilt (the spec names another revision): only the Deployment's
+        replicas are patched, or, with autoscaling, their HorizontalPodAutoscaler is applied from the spec (no
+        part of it is particular to a revision) with the decision's bounds."""
+        scaled = 0
+        for rev in sorted(decision.keep - {ids.revision}):
+            rev_ids = Ids(name=ids.name, namespace=ids.namespace, uid=ids.uid, revision=rev)
+            if spec.serving.autoscaling is not None and rev in decision.hpa_bounds:
+                hpa = build_hpa(spec, rev_ids, bounds=decision.hpa_bounds[rev])
+                changed = hpa is not None and self._apply_if_changed(hpa)
+            elif spec.serving.autoscaling is None and rev in decision.replicas:
+                changed = self._scale_deployment(rev_ids, decision.replicas[rev])
+            else:
+                changed = False
+            scaled += int(changed)
+        return scaled
+
+    def _scale_deployment(self, ids: Ids, replicas: int) -> bool:
+        live = next((d for d in self._live("Deployment", ids.namespace, ids.name)
+                     if d["metadata"]["name"] == ids.revision_name), None)  # fmt: skip
+        if live is None or live["metadata"].get("deletionTimestamp"):
+            return False
+        before = (live.get("spec") or {}).get("replicas")
+        if before == replicas:
+            return False
+        patched = self.kube.scale_deployment(ids.namespace, ids.revision_name, replicas)
+        if patched is None:
+            return False
+        patched.get("metadata", {}).pop("managedFields", None)
+        self._applied[("Deployment", ids.namespace, ids.revision_name)] = patched
+        logger.info("Scaled Deployment namespace=%s name=%s revision=%s replicas=%s->%s", ids.namespace,
+                    ids.revision_name, ids.revision, before, replicas)  # fmt: skip
+        telemetry.APPLIES.labels(kind="Deployment").inc()
+        return True
 
     def _apply_if_changed(self, obj: dict[str, Any]) -> bool:
         kind, meta = obj["kind"], obj["metadata"]

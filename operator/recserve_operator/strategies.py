@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from recserve_operator import conditions as c
-from recserve_operator.lifecycle import TrafficDecision
+from recserve_operator.lifecycle import RouterObservation, TrafficDecision
 from recserve_operator.metrics.base import (
     MetricsError,
     MetricsProvider,
@@ -18,12 +18,13 @@ from recserve_operator.metrics.base import (
 )
 from recserve_operator.observe import RevisionObservation
 from recserve_operator.rollout.analysis import AnalysisResult, Verdict, evaluate
-from recserve_operator.rollout.machine import Action, Decision, Observation, next_step
-from recserve_operator.rollout.policy import ManualAction, PolicyError, RolloutPolicy
+from recserve_operator.rollout.capacity import plan_capacity, share_replicas
+from recserve_operator.rollout.machine import Action, Decision, Observation, TrafficWeights, next_step
+from recserve_operator.rollout.policy import ManualAction, PolicyError, RolloutPolicy, RoutingProvider
 from recserve_operator.rollout.state import Phase, RolloutState, parse_time
 from recserve_operator.rollout.statistics import AbVerdict, ab_verdict
 from recserve_operator.routers.base import get_router, router_name
-from recserve_operator.routers.plan import CANARY, STABLE, build_traffic_plan
+from recserve_operator.routers.plan import CANARY, STABLE, TrafficPlan, build_traffic_plan
 from recserve_operator.spec import InvalidSpec, RecommenderModelSpec
 from recserve_operator.status import Problem, RolloutReport
 
@@ -87,15 +88,17 @@ def decide_progressive(
     router_image: str | None,
     router_placement: Mapping[str, Any] | None = None,
     metrics: ProviderFactory,
+    router_live: RouterObservation | None = None,
 ) -> ProgressiveDecision:
     """Ask the rollout state machine what to run and how to split traffic, measuring the candidate when due.
 
-    observe (status, annotation, candidate) -> measure (Prometheus, when due) -> decide (pure) -> plan (router).
+    observe (status, annotation, candidate, router) -> measure (Prometheus, when due) -> decide (pure) -> split
+    (capacity: the router weight and each revision's replicas) -> plan (router). `router_live`: the builtin
+    router as it runs before this reconcile applies anything (the evidence of the weight it serves).
     """
     policy = policy_of(spec, default_prometheus)
     state = _resume_state(status)
-    cand_obs = observations.get(latest)
-    available = cand_obs is not None and cand_obs.available
+    available = _candidate_carries(state, observations.get(latest), latest)
     due = _looking(policy, state, latest, available, now)
     measured = _measure(policy, state, metrics, latest, now) if due else Measured()
     obs = Observation(
@@ -103,15 +106,25 @@ def decide_progressive(
         action=_manual_action(annotations),
     )  # fmt: skip
     decision: Decision = next_step(policy, state, obs, now)
-    new = decision.state
-    traffic = _traffic(decision, latest)
+    new = _with_capacity_state(spec, state, decision, observations)
+    scaling = _scaling(spec, policy, new)
     router = get_router(policy.routing.provider.value, policy.routing, image=router_image, placement=router_placement)
-    plan = build_traffic_plan(name, new.evolve(stable_revision=traffic.stable), decision.weights, policy.routing)
+    split = split_traffic(scaling, new, decision.weights, observations)
+    plan = _plan(name, split, policy)
+    router_objects = router.render(plan, router_name(name), namespace, owner_ref)
+    if _router_serves(policy, router_objects, router_live):
+        # The router already runs this plan: what the stable and candidate need follows its weight now. The weight
+        # itself is a fixed point of the ratchet (plan_capacity given its own weight as served returns it), so
+        # the plan rendered above stays the one to apply.
+        split = split_traffic(scaling, split.state.evolve(served_weight=plan.canary_weight), decision.weights,
+                              observations)  # fmt: skip
+    new = split.state
+    traffic = _traffic(decision, split, latest)
     events = (decision.event.type, decision.event.reason, decision.event.message) if decision.event else None
     return ProgressiveDecision(
         traffic=traffic,
         rollout_status=new.to_status(),
-        router_objects=router.render(plan, router_name(name), namespace, owner_ref),
+        router_objects=router_objects,
         events=(events,) if events else (),
         outcome={Action.PROMOTE: "promoted", Action.ROLL_BACK: "rolled_back"}.get(decision.action),
         handled_action=decision.handled_action.value if decision.handled_action else None,
@@ -121,6 +134,203 @@ def decide_progressive(
             metrics=_metrics_condition(policy, measured, status),
         ),
     )
+
+
+# -- capacity: the split's weight and each revision's scale ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """What the split scales by: the stable's scale N (status.canary.baseReplicas), the surge, and the spec's own
+    scale (replicas, or the autoscaler's bounds) for revisions no rollout is splitting."""
+
+    base: int
+    surge: int
+    replicas: int
+    autoscaling: tuple[int, int] | None = None  # spec (minReplicas, maxReplicas)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one reconcile divides traffic and replicas between the revisions it runs."""
+
+    state: RolloutState  # the rollout state, with what the split learnt (a promotion finished)
+    stable: str  # the plan's stable backend, and the revision the front Service selects
+    candidate: str | None  # the plan's canary backend; None: a stable-only plan
+    weights: TrafficWeights
+    keep: frozenset[str]
+    replicas: Mapping[str, int]
+    hpa_bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def split_traffic(
+    scaling: Scaling, state: RolloutState, weights: TrafficWeights, observations: Mapping[str, RevisionObservation]
+) -> Split:
+    """The machine's decision (state, weights) made capacity-aware (rollout.capacity.plan_capacity).
+
+    Four shapes: a rollout in progress (the candidate's weight ratchets up to the decided one); a promotion
+    finishing (the same ratchet toward 100 before the old stable goes); a rollback finishing (traffic back at
+    once, the candidate kept until the stable is back at N Ready); and steady (the stable alone, at the spec's
+    scale). Pure: same inputs, same split.
+    """
+    stable, cand = state.stable_revision or "", state.revision
+    if state.retiring_revision is not None and state.phase is Phase.PROMOTED:
+        return _finishing_promotion(scaling, state, observations)
+    if state.phase is Phase.PROGRESSING and cand is not None and cand != stable:
+        return _rolling_out(scaling, state, weights, observations)
+    if _rolled_back_candidate(state, observations) and _ready(observations, stable) < scaling.base:
+        return _finishing_rollback(scaling, state, observations)
+    return _steady(scaling, state, stable)
+
+
+def _rolling_out(
+    scaling: Scaling, state: RolloutState, weights: TrafficWeights, observations: Mapping[str, RevisionObservation]
+) -> Split:
+    stable, cand = state.stable_revision or "", state.revision or ""
+    target = weights.canary if weights.canary_routable else 0
+    cap = plan_capacity(total=scaling.base, surge=scaling.surge, target_weight=target,
+                        served_weight=state.served_weight, canary_ready=_ready(observations, cand),
+                        stable_ready=_ready(observations, stable))  # fmt: skip
+    routed = TrafficWeights(100 - cap.canary_weight, cap.canary_weight, True) if weights.canary_routable else weights
+    targets = {stable: cap.stable_replicas, cand: cap.canary_replicas}
+    return Split(state, stable, cand if routed.canary_routable else None, routed, frozenset(targets),
+                 *_scaled(scaling, targets))  # fmt: skip
+
+
+def _finishing_promotion(
+    scaling: Scaling, state: RolloutState, observations: Mapping[str, RevisionObservation]
+) -> Split:
+    """The machine promoted: the candidate is the stable in state, but the one it replaces (`retiring_revision`)
+    keeps its share until the candidate serves all traffic with N Ready replicas.
+
+    The split keeps its roles meanwhile (the old stable is the plan's stable backend, the promoted revision its
+    canary, so sticky users only ever move to the new revision) and ratchets toward 100 like any step: the
+    candidate grows within the surge, the old stable shrinks to the share the router still sends it. Once the
+    candidate's Ready replicas cover 100% the plan is the promoted revision alone, and the old stable drops out of
+    `keep`: it goes once the router no longer names it (reconcile's drain gate), still at the scale the last
+    served split needed. An intermediate {old: 0, new: 100} plan would add a router roll and nothing else: the
+    stable-only plan gives the new revision the same 100%, and nothing reaches the old one once it is served.
+    """
+    old, promoted = state.retiring_revision or "", state.stable_revision or ""
+    cap = plan_capacity(total=scaling.base, surge=scaling.surge, target_weight=100,
+                        served_weight=state.served_weight, canary_ready=_ready(observations, promoted),
+                        stable_ready=_ready(observations, old))  # fmt: skip
+    if cap.canary_weight >= 100 or not _exists(observations, old):
+        done = state.evolve(retiring_revision=None)
+        return _steady(scaling, done, promoted)
+    weights = TrafficWeights(100 - cap.canary_weight, cap.canary_weight, True)
+    targets = {old: cap.stable_replicas, promoted: cap.canary_replicas}
+    return Split(state, old, promoted, weights, frozenset(targets), *_scaled(scaling, targets))
+
+
+def _finishing_rollback(
+    scaling: Scaling, state: RolloutState, observations: Mapping[str, RevisionObservation]
+) -> Split:
+    """Rolled back or aborted: the router sends everything to the stable at once (safety first) and the stable is
+    asked for its full scale N at once; the candidate stays (keeping the pods that carry what the router may still
+    send it, then one) until the stable has N Ready replicas. It is deleted after that, once the router serves the
+    stable-only plan (reconcile's drain gate)."""
+    stable, cand = state.stable_revision or "", state.revision or ""
+    cap = plan_capacity(total=scaling.base, surge=scaling.surge, target_weight=0,
+                        served_weight=state.served_weight, canary_ready=_ready(observations, cand))  # fmt: skip
+    targets = {stable: scaling.base, cand: cap.canary_replicas}
+    return Split(state, stable, None, TrafficWeights.stable_only(), frozenset(targets),
+                 *_scaled(scaling, targets, growing=stable))  # fmt: skip
+
+
+def _steady(scaling: Scaling, state: RolloutState, stable: str) -> Split:
+    """The stable alone, back at the spec's scale (replicas, or the autoscaler's own bounds)."""
+    bounds = {stable: scaling.autoscaling} if scaling.autoscaling is not None else {}
+    return Split(state, stable, None, TrafficWeights.stable_only(), frozenset({stable}), {stable: scaling.replicas},
+                 bounds)  # fmt: skip
+
+
+def _scaled(
+    scaling: Scaling, targets: Mapping[str, int], growing: str | None = None
+) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """Replica targets, and the autoscaler bounds that hold them.
+
+    With autoscaling each revision's HorizontalPodAutoscaler is pinned to its target (minReplicas = maxReplicas)
+    while a rollout splits the model: the ratchet rests on knowing what each revision runs, and an autoscaler free
+    to keep the stable above its share would hold the GPUs the candidate needs (on a cluster sized for N + surge
+    the rollout could never move on; without metrics, never at all). A stable growing back after a rollback
+    (`growing`) gets the spec's maxReplicas as its ceiling: it only has to reach N. Autoscaling resumes, within
+    the spec's bounds, when the rollout ends. A model scaled to zero stays there: nothing is split.
+    """
+    if scaling.base <= 0:
+        targets = dict.fromkeys(targets, 0)
+    if scaling.autoscaling is None:
+        return dict(targets), {}
+    ceiling = scaling.autoscaling[1]
+    bounds = {rev: (n, max(n, ceiling) if rev == growing else n) for rev, n in targets.items()}
+    return dict(targets), bounds
+
+
+def _scaling(spec: RecommenderModelSpec, policy: RolloutPolicy, state: RolloutState) -> Scaling:
+    a = spec.serving.autoscaling
+    autoscaling = (a.min_replicas, a.max_replicas) if a is not None else None
+    return Scaling(base=state.base_replicas, surge=policy.surge, replicas=spec.serving.replicas,
+                   autoscaling=autoscaling)  # fmt: skip
+
+
+def _with_capacity_state(
+    spec: RecommenderModelSpec, prev: RolloutState, decision: Decision, observations: Mapping[str, RevisionObservation]
+) -> RolloutState:
+    """The machine's new state plus what capacity tracks: the stable's scale N, and the stable a promotion retires.
+
+    N is spec.serving.replicas without autoscaling (the spec scales in place, at any time). With autoscaling it is
+    what the stable's Deployment runs when the rollout starts, within the spec's bounds; a rollout that supersedes
+    one still shaping the stable's scale (a candidate in flight, a promotion or rollback finishing) inherits it,
+    since the stable then runs only its share.
+    """
+    new = decision.state
+    if decision.action is Action.PROMOTE and prev.stable_revision and prev.stable_revision != new.stable_revision:
+        new = new.evolve(retiring_revision=prev.stable_revision)
+    a = spec.serving.autoscaling
+    if a is None:
+        return new.evolve(base_replicas=spec.serving.replicas)
+    started = new.phase is Phase.PROGRESSING and (prev.phase is not Phase.PROGRESSING or prev.revision != new.revision)
+    if not started and new.base_replicas > 0:
+        return new
+    if prev.base_replicas > 0 and _shaping_scale(prev, observations):
+        return new.evolve(base_replicas=prev.base_replicas)
+    stable = observations.get(new.stable_revision or "")
+    running = stable.desired_replicas if stable is not None and stable.exists else a.min_replicas
+    return new.evolve(base_replicas=min(max(running, a.min_replicas), a.max_replicas))
+
+
+def _shaping_scale(state: RolloutState, observations: Mapping[str, RevisionObservation]) -> bool:
+    """The state's rollout still sets the stable's scale: a candidate in flight, or a promotion or a rollback that
+    has not finished."""
+    in_flight = state.phase is Phase.PROGRESSING and state.revision not in (None, state.stable_revision)
+    return in_flight or state.retiring_revision is not None or _rolled_back_candidate(state, observations)
+
+
+def _rolled_back_candidate(state: RolloutState, observations: Mapping[str, RevisionObservation]) -> bool:
+    ended = state.phase in (Phase.ROLLED_BACK, Phase.ABORTED)
+    return ended and state.revision not in (None, state.stable_revision) and _exists(observations, state.revision)
+
+
+def _candidate_carries(state: RolloutState, cand: RevisionObservation | None, latest: str) -> bool:
+    """Available, as the machine means it: the candidate's Ready replicas carry what the router sends it.
+
+    Its Deployment grows with its weight, so "every desired replica Ready" would turn false at each step of the
+    ratchet and send the traffic back; the Ready replicas the served weight needs (at least one) are the measure.
+    """
+    if cand is None or not cand.exists:
+        return False
+    served = state.served_weight if state.phase is Phase.PROGRESSING and state.revision == latest else 0
+    return cand.ready_replicas >= max(1, share_replicas(state.base_replicas, served))
+
+
+def _ready(observations: Mapping[str, RevisionObservation], revision: str | None) -> int:
+    obs = observations.get(revision or "")
+    return obs.ready_replicas if obs is not None else 0
+
+
+def _exists(observations: Mapping[str, RevisionObservation], revision: str | None) -> bool:
+    obs = observations.get(revision or "")
+    return obs is not None and obs.exists
 
 
 def _resume_state(status: Mapping[str, Any]) -> RolloutState:
@@ -139,23 +349,38 @@ def _manual_action(annotations: Mapping[str, str]) -> ManualAction:
         return ManualAction.NONE
 
 
-def _traffic(decision: Decision, latest: str) -> TrafficDecision:
-    """Which revisions run, which is stable, and their weights."""
-    new = decision.state
-    stable = new.stable_revision or latest
-    keep = {stable}
-    weights = {stable: decision.weights.stable}
-    if new.phase is Phase.PROGRESSING and new.revision:
-        keep.add(new.revision)
-        if new.revision != stable:
-            weights[new.revision] = decision.weights.canary
+def _traffic(decision: Decision, split: Split, latest: str) -> TrafficDecision:
+    """Which revisions run, which is stable, their weights and their scale."""
+    weights = {split.stable: split.weights.stable}
+    if split.candidate is not None:
+        weights[split.candidate] = split.weights.canary
+    promoted = decision.state.stable_revision or latest
     return TrafficDecision(
-        stable=stable,
-        keep=frozenset(keep),
+        stable=split.stable,
+        keep=split.keep,
         weights=weights,
-        promoted=stable if decision.action is Action.PROMOTE else None,
+        promoted=promoted if decision.action is Action.PROMOTE else None,
         reason=decision.reason,
+        replicas=split.replicas,
+        hpa_bounds=split.hpa_bounds,
     )
+
+
+def _plan(name: str, split: Split, policy: RolloutPolicy) -> TrafficPlan:
+    view = split.state.evolve(stable_revision=split.stable, revision=split.candidate)
+    return build_traffic_plan(name, view, split.weights, policy.routing)
+
+
+def _router_serves(
+    policy: RolloutPolicy, router_objects: list[dict[str, Any]], live: RouterObservation | None
+) -> bool:
+    """Whether the router serves the rendered plan now. Builtin: every router pod runs it (the drain gate's
+    evidence, lifecycle.router_serves). Gateway API: the HTTPRoute this reconcile applies counts as served; how
+    fast the gateway programs it is not observable here."""
+    if policy.routing.provider is RoutingProvider.GATEWAY_API:
+        return True
+    desired = next((o for o in router_objects if o.get("kind") == "Deployment"), None)
+    return (live or RouterObservation()).serves(desired)
 
 
 def _looking(policy: RolloutPolicy, state: RolloutState, latest: str, available: bool, now: datetime) -> bool:
@@ -194,8 +419,10 @@ def _ab_look(
 
 
 def _held(new: RolloutState, latest: str, keep: frozenset[str]) -> Problem | None:
-    """The spec's revision deliberately does not run (rolled back or aborted): say why, not "rolling out"."""
-    if latest in keep:
+    """The spec's revision deliberately does not run (rolled back or aborted; it may still be kept while the
+    stable scales back, `_finishing_rollback`): say why, not "rolling out"."""
+    winding_down = new.phase in (Phase.ROLLED_BACK, Phase.ABORTED) and new.revision == latest != new.stable_revision
+    if latest in keep and not winding_down:
         return None
     ended = new.phase.value if new.phase in (Phase.ROLLED_BACK, Phase.ABORTED) else c.ROLLED_BACK
     reason = new.reason or ended

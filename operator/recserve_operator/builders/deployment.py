@@ -140,7 +140,11 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def build_deployment(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDefaults) -> dict[str, Any]:
+def build_deployment(
+    spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDefaults, *, replicas: int | None = None
+) -> dict[str, Any]:
+    """`replicas` replaces spec.serving.replicas (a rollout's split gives the candidate its share); with
+    autoscaling it is ignored: the HorizontalPodAutoscaler's bounds carry the share (build_hpa)."""
     s = spec.serving
     triton_image = s.triton_image or defaults.triton_image
     builder_image = s.builder_image or defaults.builder_image
@@ -264,7 +268,7 @@ def build_deployment(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDef
     }
     if s.autoscaling is None:
         # With autoscaling the HPA owns replicas; applying a value here would fight it on every reconcile.
-        deployment_spec["replicas"] = s.replicas
+        deployment_spec["replicas"] = s.replicas if replicas is None else replicas
     deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -13,10 +13,18 @@ from recserve_operator.spec import RecommenderModelSpec
 QUEUE_TIME_METRIC = "triton_queue_time_us"
 
 
-def build_hpa(spec: RecommenderModelSpec, ids: Ids) -> dict[str, Any] | None:
+def build_hpa(
+    spec: RecommenderModelSpec, ids: Ids, *, bounds: tuple[int, int] | None = None
+) -> dict[str, Any] | None:
+    """`bounds` (minReplicas, maxReplicas) replace the spec's while a rollout splits the model's capacity.
+
+    Nothing here is particular to a revision (autoscaling stays out of the revision hash), so the stable revision's
+    autoscaler is built from the current spec too, while the spec already names a candidate.
+    """
     a = spec.serving.autoscaling
     if a is None:
         return None
+    low, high = bounds if bounds is not None else (a.min_replicas, a.max_replicas)
     metrics: list[dict[str, Any]] = []
     if a.target_cpu_utilization is not None:
         metrics.append(
@@ -44,8 +52,8 @@ def build_hpa(spec: RecommenderModelSpec, ids: Ids) -> dict[str, Any] | None:
         "metadata": metadata(ids, ids.revision_name),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ids.revision_name},
-            "minReplicas": a.min_replicas,
-            "maxReplicas": a.max_replicas,
+            "minReplicas": low,
+            "maxReplicas": max(low, high),
             "metrics": metrics,
             # GPU pods take minutes to become ready: scale down slowly to avoid flapping.
             "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},

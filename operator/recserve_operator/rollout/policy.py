@@ -38,6 +38,7 @@ ELAPSED = "{{elapsed}}"
 # Thirty looks at the default 1m interval: room for a low-weight step to gather minRequests, short enough that a
 # rollout nobody can judge does not hold part of the traffic overnight.
 DEFAULT_PROGRESS_DEADLINE_S = 1800.0  # the CRD's default, 30m
+DEFAULT_SURGE = 1  # the CRD's default: one pod beside the stable's, enough for a canary to start
 
 
 class PolicyError(ValueError):
@@ -169,6 +170,8 @@ class RolloutPolicy:
     # Longest a canary/abTest step may go without a conclusive analysis (only when analysis is enabled).
     progress_deadline_s: float = DEFAULT_PROGRESS_DEADLINE_S
     on_progress_deadline: DeadlineAction = DeadlineAction.ROLLBACK
+    # Pods (GPUs) a rollout may run beyond the stable's scale: the canary's replicas follow its weight within it.
+    surge: int = DEFAULT_SURGE
 
     @classmethod
     def from_spec(cls, d: Mapping[str, Any] | None, default_prometheus: str = "") -> RolloutPolicy:
@@ -193,9 +196,10 @@ class RolloutPolicy:
             if not analysis.enabled:
                 raise PolicyError("rollout.analysis.prometheus: required for abTest")
         deadline, on_deadline = _parse_deadline(d, analysis, strategy)
+        surge = _integer(d.get("surge", DEFAULT_SURGE), "rollout.surge", 1)
         return cls(
             strategy=strategy, steps=steps, routing=routing, analysis=analysis, action=action,
-            progress_deadline_s=deadline, on_progress_deadline=on_deadline,
+            progress_deadline_s=deadline, on_progress_deadline=on_deadline, surge=surge,
         )  # fmt: skip
 
 

@@ -171,6 +171,14 @@ class RolloutState:
     # ProgressDeadlineExceeded while a step is held past its deadline.
     reason: str = ""
     control: ControlRecord | None = None
+    # Capacity (rollout.capacity), kept across reconciles: the candidate weight the router pods are known to serve
+    # (the builtin router's pods all run the plan; an applied HTTPRoute), and the stable's scale N when the rollout
+    # started (spec.serving.replicas, or what the autoscaler ran then).
+    served_weight: int = 0
+    base_replicas: int = 0
+    # The stable a promotion replaces, until the promoted revision carries all traffic at N Ready replicas: it
+    # keeps its share of the split (strategies._finishing_promotion).
+    retiring_revision: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # unknown status.canary keys, preserved verbatim
 
     @property
@@ -206,6 +214,9 @@ class RolloutState:
                 "message": self.message,
                 "reason": self.reason or None,
                 "control": self.control.to_dict() if self.control is not None else None,
+                "servedWeight": self.served_weight,
+                "baseReplicas": self.base_replicas,
+                "retiringRevision": self.retiring_revision,
             }
         )
         status: dict[str, Any] = {"canary": canary}
@@ -220,7 +231,7 @@ class RolloutState:
         known = {
             "phase", "stableRevision", "revision", "weight", "step", "stepStartedAt", "startedAt",
             "paused", "failedChecks", "lastAnalysis", "message", "splitStartedAt", "control", "lastConclusiveAt",
-            "reason",
+            "reason", "servedWeight", "baseReplicas", "retiringRevision",
         }  # fmt: skip
         try:
             phase = Phase(c.get("phase") or Phase.IDLE.value)
@@ -244,5 +255,8 @@ class RolloutState:
             message=str(c.get("message") or ""),
             reason=str(c.get("reason") or ""),
             control=ControlRecord.from_dict(c.get("control")),
+            served_weight=int(c.get("servedWeight") or 0),
+            base_replicas=int(c.get("baseReplicas") or 0),
+            retiring_revision=c.get("retiringRevision") or None,
             extra={k: v for k, v in c.items() if k not in known},
         )

@@ -48,6 +48,17 @@ class FakeKube:
     def patch_annotations(self, namespace: str, name: str, annotations: dict[str, Any]) -> None:
         self.requests["patch"] += 1
 
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> dict[str, Any] | None:
+        self.requests["scale"] += 1
+        live = self.objects.get(("Deployment", namespace, name))
+        if live is None:
+            return None
+        self.rv += 1
+        live["spec"]["replicas"] = replicas
+        live["metadata"]["resourceVersion"] = str(self.rv)
+        live["metadata"]["generation"] = live["metadata"].get("generation", 1) + 1
+        return copy.deepcopy(live)
+
     def exists(self, path: str) -> bool:
         self.requests["discovery"] += 1
         return False

@@ -23,6 +23,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.dataplane, pytest.mark.realno
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _demo(cluster: Cluster, env: dict[str, str], log: Path) -> subprocess.CompletedProcess[str]:
+    """One `demo up`, its output in `log`: a run past its deadline fails with what it printed and the pods' state
+    (a run's own waits allow up to ~25 min; a healthy one takes 3-4)."""
+    with log.open("w") as out:
+        try:
+            done = subprocess.run([sys.executable, "-m", "recserve_cluster.demo", "up"], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, text=True, timeout=900)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pods = cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+            raise AssertionError(f"demo up ran past 900 s:\n{log.read_text()[-6000:]}\n{pods}") from None
+    return subprocess.CompletedProcess(done.args, done.returncode, log.read_text(), "")
+
+
+@pytest.mark.timeout(2400)  # two runs of up to 900 s each, plus the dashboard queries and the clean-up
 def test_demo_trains_serves_and_promotes_a_canary_decided_by_the_operator_and_can_run_again(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -33,8 +47,7 @@ def test_demo_trains_serves_and_promotes_a_canary_decided_by_the_operator_and_ca
         pytest.skip("RECSERVE_REAL_NODE=0: the kwok-only cluster runs no containers")
     env = {**os.environ, "RECSERVE_DEMO_DIR": str(tmp_path), "KUBECONFIG": str(cluster.kubeconfig)}
     try:
-        runs = [subprocess.run([sys.executable, "-m", "recserve_cluster.demo", "up"], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=1200) for _ in range(2)]  # fmt: skip
+        runs = [_demo(cluster, env, tmp_path / f"demo-{i}.log") for i in range(2)]
         operator_log = cluster.kubectl("logs", "-n", demo.SYSTEM_NS, f"deploy/{demo.RELEASE}", "--tail=-1",
                                        check=False).stdout
         # Every panel of the chart's Grafana dashboard shows the demo's data from the in-cluster Prometheus.

@@ -20,11 +20,12 @@ from typing import Any
 import numpy.typing as npt
 
 from .cluster import Cluster
+from .images import PYTHON_BASE
 
 NAME = "shoppers"
 PORT = 9100
 PAGE = 5  # recommendations shown per request
-IMAGE = "docker.io/library/python:3.11-slim-bookworm"
+IMAGE = PYTHON_BASE  # the Debian Python image every real-node image builds on
 DATA_KEY = "requests.json.gz"
 
 SCRIPT = r"""

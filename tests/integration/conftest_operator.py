@@ -49,6 +49,22 @@ def get_json(cluster: Cluster, *args: str) -> Any:
     return json.loads(out.stdout)
 
 
+def kwok_model(
+    name: str, version: int, *, serving: dict[str, Any] | None = None, rollout: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A RecommenderModel for the control-plane tests: an s3:// ONNX source (kwok pods never fetch it), one GPU
+    per replica on the A10G node; `serving` entries replace the defaults' (None drops one), `rollout` is the
+    spec's as given."""
+    base = {"resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"}, "gpuProduct": "NVIDIA-A10G", **(serving or {})}
+    spec: dict[str, Any] = {
+        "model": {"uri": f"s3://models/{name}/{version}", "format": "onnx", "version": version},
+        "serving": {k: v for k, v in base.items() if v is not None},
+    }
+    if rollout is not None:
+        spec["rollout"] = rollout
+    return {"apiVersion": "recserve.dev/v1alpha1", "kind": "RecommenderModel", "metadata": {"name": name}, "spec": spec}
+
+
 def apply_yaml(cluster: Cluster, ns: str, obj: dict[str, Any] | str) -> None:
     text = obj if isinstance(obj, str) else yaml.safe_dump(obj)
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=text)

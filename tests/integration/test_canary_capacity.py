@@ -14,7 +14,15 @@ import pytest
 
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
-from tests.integration.conftest_operator import OperatorProcess, apply_yaml, get_json, model, owned, wait_ready
+from tests.integration.conftest_operator import (
+    OperatorProcess,
+    apply_yaml,
+    get_json,
+    kwok_model,
+    model,
+    owned,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +37,9 @@ SURGE = 1
 
 
 def _model(name: str, version: int, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "apiVersion": "recserve.dev/v1alpha1",
-        "kind": "RecommenderModel",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": f"s3://models/{name}/{version}", "format": "onnx", "version": version},
-            "serving": {"replicas": REPLICAS, "resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"},
-                        "gpuProduct": GPU_PRODUCT},
-            # No analysis: steps advance on their pauses alone, and an hour holds the first one.
-            "rollout": {"strategy": "canary", "steps": steps, "routing": {"provider": "builtin"}},
-        },
-    }  # fmt: skip
+    # No analysis: steps advance on their pauses alone, and an hour holds the first one.
+    return kwok_model(name, version, serving={"replicas": REPLICAS, "gpuProduct": GPU_PRODUCT},
+                      rollout={"strategy": "canary", "steps": steps, "routing": {"provider": "builtin"}})
 
 
 def _pod_gpus(pod: dict[str, Any]) -> int:

@@ -16,6 +16,7 @@ from tests.integration.conftest_operator import (
     condition,
     free_port,
     get_json,
+    kwok_model,
     model,
     owned,
     wait_ready,
@@ -29,22 +30,13 @@ DEADLINE_S = 45
 
 
 def _model(version: int, prometheus: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "recserve.dev/v1alpha1",
-        "kind": "RecommenderModel",
-        "metadata": {"name": NAME},
-        "spec": {
-            "model": {"uri": f"s3://models/{NAME}/{version}", "format": "onnx", "version": version},
-            "serving": {"resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"}, "gpuProduct": "NVIDIA-A10G"},
-            "rollout": {
-                "strategy": "canary",
-                "steps": [{"weight": 20, "pause": "2s"}, {"weight": 50, "pause": "10m"}],
-                # Nothing listens there: every look is "connection refused", the shape of a Prometheus outage.
-                "analysis": {"interval": "5s", "prometheus": prometheus, "maxErrorRate": 0.01, "minRequests": 1},
-                "progressDeadline": f"{DEADLINE_S}s",
-            },
-        },
-    }
+    return kwok_model(NAME, version, rollout={
+        "strategy": "canary",
+        "steps": [{"weight": 20, "pause": "2s"}, {"weight": 50, "pause": "10m"}],
+        # Nothing listens there: every look is "connection refused", the shape of a Prometheus outage.
+        "analysis": {"interval": "5s", "prometheus": prometheus, "maxErrorRate": 0.01, "minRequests": 1},
+        "progressDeadline": f"{DEADLINE_S}s",
+    })  # fmt: skip
 
 
 def _canary(cluster: Cluster, ns: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from tests.integration.conftest_operator import (
     apply_yaml,
     condition,
     get_json,
+    kwok_model,
     model,
     owned,
     ready_model,
@@ -48,16 +49,7 @@ KWOK_EXAMPLES = [p for p in EXAMPLES if _on_kwok(p)]
 
 
 def _small(name: str, version: int = 3, **serving: Any) -> dict[str, Any]:
-    base = {"resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"}, "gpuProduct": "NVIDIA-A10G", **serving}
-    return {
-        "apiVersion": "recserve.dev/v1alpha1",
-        "kind": "RecommenderModel",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": f"s3://models/{name}/{version}", "format": "onnx", "version": version},
-            "serving": {k: v for k, v in base.items() if v is not None},
-        },
-    }
+    return kwok_model(name, version, serving=serving)
 
 
 def _pods(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:

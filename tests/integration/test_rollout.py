@@ -14,6 +14,7 @@ from tests.integration.conftest_operator import (
     OperatorProcess,
     apply_yaml,
     get_json,
+    kwok_model,
     model,
     owned,
     wait_ready,
@@ -26,16 +27,7 @@ ACTION = "recserve.dev/rollout-action"
 
 
 def _canary(name: str, version: int, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "apiVersion": "recserve.dev/v1alpha1",
-        "kind": "RecommenderModel",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": f"s3://models/{name}/{version}", "format": "onnx", "version": version},
-            "serving": {"resources": {"gpu": 1, "cpu": "1", "memory": "1Gi"}, "gpuProduct": "NVIDIA-A10G"},
-            "rollout": {"strategy": "canary", "steps": steps},
-        },
-    }
+    return kwok_model(name, version, rollout={"strategy": "canary", "steps": steps})
 
 
 def _canary_status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.kube import Kube, resource_of
 from recserve_operator.lifecycle import RouterObservation, TrafficDecision, decide_immediate, router_serves
 from recserve_operator.observe import RevisionObservation, observe_revision
+from recserve_operator.rollout.controls import ROLLOUT_ACTION_ANNOTATION
 from recserve_operator.routers.base import router_name
 from recserve_operator.routers.builtin import GRPC_SERVICE_PORT as ROUTER_GRPC_SERVICE_PORT
 from recserve_operator.routers.builtin import SERVICE_PORT as ROUTER_HTTP_PORT
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
     from recserve_operator.strategies import ProgressiveDecision
 
 logger = logging.getLogger("recserve.reconcile")
-ROLLOUT_ACTION_ANNOTATION = "recserve.dev/rollout-action"
 
 # Kinds deleted when their revision leaves the decision's keep set (ordered: traffic first, config last).
 REVISIONED_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment", "ConfigMap")

@@ -19,6 +19,7 @@ from recserve_operator.metrics.base import (
 from recserve_operator.observe import RevisionObservation
 from recserve_operator.rollout.analysis import AnalysisResult, Verdict, evaluate
 from recserve_operator.rollout.capacity import plan_capacity, share_replicas
+from recserve_operator.rollout.controls import ROLLOUT_ACTION_ANNOTATION
 from recserve_operator.rollout.machine import Action, Decision, Observation, TrafficWeights, next_step
 from recserve_operator.rollout.policy import ManualAction, PolicyError, RolloutPolicy, RoutingProvider
 from recserve_operator.rollout.state import Phase, RolloutState, parse_time
@@ -27,8 +28,6 @@ from recserve_operator.routers.base import get_router, router_name
 from recserve_operator.routers.plan import CANARY, STABLE, TrafficPlan, build_traffic_plan
 from recserve_operator.spec import InvalidSpec, RecommenderModelSpec
 from recserve_operator.status import Problem, RolloutReport
-
-ROLLOUT_ACTION_ANNOTATION = "recserve.dev/rollout-action"  # also in reconcile, which imports this module lazily
 
 ProviderFactory = Callable[[str], MetricsProvider]
 

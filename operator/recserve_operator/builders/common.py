@@ -19,6 +19,8 @@ APP_NAME = "recserve-triton"
 MANAGER = "recserve"
 CONFIG_CHECKSUM_ANNOTATION = "recserve.dev/config-checksum"
 MODEL_VERSION_ANNOTATION = "recserve.dev/model-version"
+# The init container that builds a revision's model repository (its log is `kubectl recserve build-log`).
+BUILDER_CONTAINER = "model-repo-builder"
 
 HTTP_PORT = 8000
 GRPC_PORT = 8001

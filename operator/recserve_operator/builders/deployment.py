@@ -7,6 +7,7 @@ import hashlib
 from typing import Any
 
 from recserve_operator.builders.common import (
+    BUILDER_CONTAINER,
     CONFIG_CHECKSUM_ANNOTATION,
     GRPC_PORT,
     HTTP_PORT,
@@ -35,7 +36,6 @@ BUILDER_COMMAND = ("python", "-m", "model_repo_builder")
 PVC_ROOT_ENV = "RECSERVE_PVC_ROOT"
 # Triton's image runs as triton-server (uid 1000); a numeric uid lets runAsNonRoot be verified.
 TRITON_UID = 1000
-BUILDER_CONTAINER = "model-repo-builder"
 TRITON_CONTAINER = "triton"
 PRESTOP_SLEEP_S = 5
 

@@ -235,7 +235,7 @@ def _end(state: RolloutState, phase: Phase, why: str, now: datetime, reason: str
 def _record_analysis(state: RolloutState, obs: Observation, now: datetime, decision: str) -> RolloutState:
     if obs.analysis is None:
         return state
-    return state.evolve(last_analysis=obs.analysis.to_status(now, decision))
+    return state.with_analysis(obs.analysis.to_status(now, decision))
 
 
 def _note_evidence(state: RolloutState, obs: Observation, now: datetime) -> RolloutState:

@@ -21,6 +21,8 @@ class Phase(StrEnum):
     ABORTED = "Aborted"  # the last candidate was aborted manually
 
 
+ANALYSIS_HISTORY = 5
+
 TERMINAL_PHASES = frozenset({Phase.IDLE, Phase.PROMOTED, Phase.ROLLED_BACK, Phase.ABORTED})
 
 
@@ -162,6 +164,8 @@ class RolloutState:
     paused: bool = False
     failed_checks: int = 0
     last_analysis: Mapping[str, Any] | None = None
+    # The last ANALYSIS_HISTORY looks of this rollout, newest first (what `kubectl recserve get` shows).
+    analyses: tuple[Mapping[str, Any], ...] = ()
     # When a look was last conclusive (machine._note_evidence): the progressDeadline clock runs from this or the
     # step's start, whichever is later.
     last_conclusive_at: datetime | None = None
@@ -188,6 +192,10 @@ class RolloutState:
     def evolve(self, **changes: Any) -> RolloutState:
         return replace(self, **changes)
 
+    def with_analysis(self, record: Mapping[str, Any]) -> RolloutState:
+        """Record one look: the last analysis, and the bounded history of looks."""
+        return replace(self, last_analysis=record, analyses=(record, *self.analyses)[:ANALYSIS_HISTORY])
+
     def ab_elapsed_s(self, now: datetime) -> float | None:
         """Seconds of A/B evidence at `now`: since the split first went live; None before it did."""
         if self.split_started_at is None:
@@ -210,6 +218,7 @@ class RolloutState:
                 "paused": self.paused,
                 "failedChecks": self.failed_checks,
                 "lastAnalysis": dict(self.last_analysis) if self.last_analysis is not None else None,
+                "analyses": [dict(a) for a in self.analyses],
                 "lastConclusiveAt": format_time(self.last_conclusive_at),
                 "message": self.message,
                 "reason": self.reason or None,
@@ -231,7 +240,7 @@ class RolloutState:
         known = {
             "phase", "stableRevision", "revision", "weight", "step", "stepStartedAt", "startedAt",
             "paused", "failedChecks", "lastAnalysis", "message", "splitStartedAt", "control", "lastConclusiveAt",
-            "reason", "servedWeight", "baseReplicas", "retiringRevision",
+            "reason", "servedWeight", "baseReplicas", "retiringRevision", "analyses",
         }  # fmt: skip
         try:
             phase = Phase(c.get("phase") or Phase.IDLE.value)
@@ -250,6 +259,7 @@ class RolloutState:
             paused=bool(c.get("paused", False)),
             failed_checks=int(c.get("failedChecks") or 0),
             last_analysis=c.get("lastAnalysis"),
+            analyses=tuple(a for a in c.get("analyses") or [] if isinstance(a, Mapping))[:ANALYSIS_HISTORY],
             last_conclusive_at=parse_time(c.get("lastConclusiveAt")) or _conclusive_time(c.get("lastAnalysis")),
             ab=AbStatus.from_dict(ab_raw) if isinstance(ab_raw, Mapping) else None,
             message=str(c.get("message") or ""),

@@ -191,3 +191,19 @@ class OperatorProcess:
                 key, _, value = line.rpartition(" ")
                 values[key] = float(value)
         return values
+
+
+def plugin_env(cluster: Cluster, kubeconfig: Path | None = None) -> dict[str, str]:
+    """kubectl and the installed `kubectl-recserve` on PATH, the cluster's kubeconfig (or another) in KUBECONFIG."""
+    env = cluster.env
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    env["KUBECONFIG"] = str(kubeconfig or cluster.kubeconfig)
+    return env
+
+
+def recserve(cluster: Cluster, *args: str, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`kubectl recserve ARGS` exactly as a user types it (kubectl execs the plugin it finds on PATH)."""
+    out = subprocess.run([cluster.kubectl_path, "recserve", *args], capture_output=True, text=True, timeout=60,
+                         env=plugin_env(cluster, kubeconfig))  # fmt: skip
+    assert "Traceback" not in out.stderr, out.stderr
+    return out

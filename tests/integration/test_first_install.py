@@ -22,6 +22,7 @@ import yaml
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
+from tests.integration.conftest_operator import recserve
 from tests.integration.realpods import (
     NODE,
     get,
@@ -59,6 +60,15 @@ def test_helm_install_serves_the_local_example_from_a_pvc_through_the_router_ove
         # read the model from the mounted claim (defect 3).
         init = pods[0]["status"]["initContainerStatuses"][0]
         assert init["state"]["terminated"]["exitCode"] == 0, init
+        # `kubectl recserve build-log` shows that build's output, down to its JSON report with the parity gate's
+        # measurement against the Keras model.
+        log = recserve(cluster, "build-log", name, "-n", ns)
+        assert log.returncode == 0, log.stderr
+        report = json.loads(log.stdout.strip().splitlines()[-1])
+        assert report["status"] == "ok" and report["parity"]["passed"] is True, report.get("parity")
+        assert f"revision {revision}, pod {pods[0]['metadata']['name']}" in log.stderr
+        missing = recserve(cluster, "build-log", name, "-n", ns, "--revision", "0000000000")
+        assert missing.returncode == 1 and f"revisions with pods: {revision}" in missing.stderr, missing.stderr
         config = json.loads(cluster.kubectl("get", "configmap", f"{name}-{revision}", "-n", ns, "-o",
                                             "jsonpath={.data}").stdout or "{}")
         assert "model_warmup" in config.get("config.pbtxt", ""), "Triton's readiness waits for the warmup"

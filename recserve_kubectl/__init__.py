@@ -1,0 +1,1 @@
+"""`kubectl recserve`: operate RecommenderModel rollouts from the terminal."""

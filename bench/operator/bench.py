@@ -156,14 +156,22 @@ def measure(cluster: Any, n: int, steady_s: float) -> dict[str, Any]:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-def run(sizes: list[int], steady_s: float, out: Path | None) -> list[dict[str, Any]]:
-    cluster = get_provider().up()
-    install_crd(cluster)
+def run(sizes: list[int], steady_s: float, out: Path | None, *, keep_cluster: bool = False) -> list[dict[str, Any]]:
+    """Measure each size; a cluster this run brought up is taken down again (unless keep_cluster), so nothing it
+    started (kube-apiserver, etcd, kwok, the real node) outlives the benchmark."""
+    provider = get_provider()
+    existed = provider.current() is not None
+    cluster = provider.up()
     results = []
-    for n in sizes:
-        r = measure(cluster, n, steady_s)
-        print(json.dumps(r), flush=True)
-        results.append(r)
+    try:
+        install_crd(cluster)
+        for n in sizes:
+            r = measure(cluster, n, steady_s)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    finally:
+        if not existed and not keep_cluster and provider.name != "existing":
+            provider.down()
     print(f"{'models':>6} {'all Ready s':>11} {'->Deploy p50/p99 s':>19} {'->Ready p50/p99 s':>18} "
           f"{'RSS MiB':>8} {'CPU s':>6} {'req/reconcile':>13} {'writes/min steady':>17}")
     for r in results:
@@ -184,8 +192,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="50,200,500", help="comma-separated model counts, each measured fresh")
     parser.add_argument("--steady-seconds", type=float, default=60.0, help="window for steady-state writes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operator.json")
+    parser.add_argument("--keep-cluster", action="store_true", help="leave a cluster this run started running")
     args = parser.parse_args()
-    run([int(x) for x in args.sizes.split(",")], args.steady_seconds, args.out)
+    run([int(x) for x in args.sizes.split(",")], args.steady_seconds, args.out, keep_cluster=args.keep_cluster)
 
 
 if __name__ == "__main__":

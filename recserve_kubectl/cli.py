@@ -20,7 +20,7 @@ from recserve_operator.rollout.controls import ROLLOUT_ACTION_ANNOTATION, refusa
 from recserve_operator.rollout.policy import ManualAction
 from recserve_operator.rollout.state import RolloutState
 
-from recserve_kubectl.api import RESOURCE, Api, CliError
+from recserve_kubectl.api import RESOURCE, Api, CliError, Forbidden, NotFound
 from recserve_kubectl.view import render_list, render_model, selector, summarize, utcnow
 
 ACTIONS = ("promote", "abort", "pause", "resume")
@@ -111,7 +111,7 @@ def watch(
             try:
                 text = frame()
             except CliError as exc:
-                if "not found" in str(exc):
+                if isinstance(exc, NotFound | Forbidden):  # not transient: retrying cannot help
                     raise
                 text = (last or "") + f"\n(retrying: {exc})\n"
             stamp = f"Every {interval:g}s: kubectl recserve get --watch    {utcnow():%Y-%m-%d %H:%M:%S} UTC\n\n"

@@ -292,14 +292,17 @@ def test_get_watch_redraws_in_place_while_a_canary_moves_and_exits_cleanly_on_ct
     try:
         wait_for(lambda: "Rollout:     Idle" in term.text(), 30, message=f"first frame:\n{term.text()}")
         apply_yaml(c, ns, _canary("mov", 2, steps))
-        wait_for(lambda: "-> 1. weight 20%, pause 8s (current)" in term.text(), 60,
-                 message=f"the watch never showed step 1:\n{term.text()}")  # fmt: skip
-        first = term.text()
-        assert "candidate at 20%" in first
-        wait_for(lambda: "-> 2. weight 60%, pause 10m (current)" in term.text(), 60,
-                 message=f"the watch never showed step 2:\n{term.text()}")  # fmt: skip
+        # The step is marked current as soon as the rollout starts; the weight follows once the candidate is
+        # Available, and the event once the operator posted it: wait for a frame that shows each stage whole.
+        def shows(*parts: str) -> bool:
+            screen = term.text()
+            return all(p in screen for p in parts)
+
+        wait_for(lambda: shows("-> 1. weight 20%, pause 8s (current)", "candidate at 20%"), 60,
+                 message=f"the watch never showed step 1 at 20%:\n{term.text()}")  # fmt: skip
+        wait_for(lambda: shows("-> 2. weight 60%, pause 10m (current)", "candidate at 60%", "StepAdvanced"), 60,
+                 message=f"the watch never showed step 2 at 60%:\n{term.text()}")  # fmt: skip
         screen = term.text()
-        assert "candidate at 60%" in screen and "StepAdvanced" in screen
         # In place: one model on the screen however many frames were drawn, the cursor hidden meanwhile.
         assert screen.count("Name:        mov") == 1 and screen.count("Revisions:") == 1
         assert term.raw.count(b"\x1b[H") >= 5 and b"\x1b[?25l" in term.raw

@@ -187,10 +187,7 @@ COMMANDS: dict[str, Callable[[Api, argparse.Namespace, TextIO], int]] = {
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    args = parser().parse_args(argv)
-    for key in ("namespace", "kubeconfig", "context", "output"):
-        if not hasattr(args, key):
-            setattr(args, key, None)
+    args = parser().parse_args(argv)  # the top-level parser defaults the common flags; subcommands never unset them
     stream = out or sys.stdout
     try:
         api = Api.connect(args.kubeconfig, args.context, args.namespace)

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from model_repo_builder import config as cfgmod
 from model_repo_builder import convert, parity, repository
 from model_repo_builder.cache import BuildCache, cache_key
 from model_repo_builder.errors import BadInputError, ParityError, UsageError
-from model_repo_builder.fetch import fetch, sha256_of
+from model_repo_builder.fetch import FetchedSource, fetch, sha256_of
 from model_repo_builder.progress import progress_bar
 
 
@@ -142,9 +143,88 @@ def _fetch_npz(uri: str | Path, req: BuildRequest, staging: Path, what: str) -> 
     return got.path
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one build makes, settled before anything is downloaded."""
+
+    name: str
+    version: int
+    options: cfgmod.ServingOptions
+    template: Any | None
+
+
+@dataclass
+class _Build:
+    """One build in progress: the request, its plan, the staging directory and the report its stages fill."""
+
+    req: BuildRequest
+    plan: _Plan
+    staging: Path
+    report: dict[str, Any]
+    started: float
+    bar: Any = None  # the progress bar of the steps that take time
+
+
+@dataclass(frozen=True)
+class _Converted:
+    source: convert.SourceModel
+    onnx: Path  # the fp32 ONNX export
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Optimized:
+    onnx: Path  # the ONNX model the engine is built from (fp32, or int8 after quantization)
+    quantization: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _Written:
+    tree: Path  # the staged <name> tree: config.pbtxt, <version>/, warmup/
+    artifact: Path
+    tensorrt: dict[str, Any] | None
+
+
 def build(req: BuildRequest) -> BuildResult:
-    """Run one build. Raises BuilderError subclasses (with exit codes) or ConfigError; the repo is unchanged then."""
+    """Run one build: plan -> fetch -> (cache) -> convert -> optimize -> parity gate -> write -> publish.
+
+    Raises BuilderError subclasses (with exit codes) or ConfigError; the repository is unchanged then.
+    """
     started = time.monotonic()
+    plan = _plan(req)
+    report: dict[str, Any] = {"name": plan.name, "version": plan.version, "repository": str(req.repo)}
+    with repository.staging_dir(req.repo, plan.name) as staging:
+        b = _Build(req, plan, staging, report, started)
+        src = _fetch_source(b)
+        fmt = convert.detect_format(src.path, req.format)
+        cache = BuildCache.from_env(req.cache_dir)
+        key = _cache_key(b, src, fmt)
+        cached = cache.lookup(key) if cache is not None else None
+        if cache is not None and cached is not None:
+            return _restore_cached(b, cache, cached, key)
+        steps = 4 + (plan.options.precision == "int8") + (plan.options.backend == "tensorrt")
+        with progress_bar(steps, f"build {plan.name}", req.show_progress, unit="step") as b.bar:
+            converted = _convert(b, src, fmt)
+            feeds, labels = _parity_inputs(b, converted.source.signature)
+            optimized = _optimize(b, converted)
+            _parity_gate(b, converted, optimized, feeds, labels)
+            written = _write_model(b, converted.source.signature, optimized, feeds)
+        report.update(_provenance(b, src=src, fmt=fmt, converted=converted, optimized=optimized, written=written))
+        report["build_seconds"] = round(time.monotonic() - started, 3)
+        if cache is not None:
+            report["cache"] = {"hit": False, "key": key, "dir": str(cache.root)}
+        repository.write_json(written.tree / str(plan.version) / "build.json", report)
+        if cache is not None:
+            error = cache.store(key, written.tree, plan.version)
+            if error:
+                report["cache"]["store_error"] = error
+        published = repository.publish(written.tree, req.repo, plan.name, plan.version, req.overwrite)
+    report["path"] = str(published)
+    return BuildResult(plan.name, plan.version, req.repo / plan.name, published, report)
+
+
+def _plan(req: BuildRequest) -> _Plan:
+    """Name, version and serving options; every check that needs no download fails here, before any."""
     template = _read_template(req.config_template) if req.config_template else None
     name = repository.check_model_name(
         req.name or (template.name if template is not None and template.name else None)
@@ -159,155 +239,178 @@ def build(req: BuildRequest) -> BuildResult:
     if req.calibration_samples is not None and req.calibration_samples < 1:
         raise UsageError("--calibration-samples must be >= 1", "pass a positive number of rows")
     version = repository.resolve_version(req.repo, name, req.version, req.overwrite)
-    report: dict[str, Any] = {"name": name, "version": version, "repository": str(req.repo)}
+    return _Plan(name, version, options, template)
 
-    with repository.staging_dir(req.repo, name) as staging:
-        fetch_kwargs: dict[str, Any] = {}
-        if req.max_download_bytes:
-            fetch_kwargs["max_bytes"] = req.max_download_bytes
-        src = fetch(
-            req.source, staging, sha256=req.sha256, s3_endpoint=req.s3_endpoint,
-            show_progress=req.show_progress, **fetch_kwargs,
-        )
-        fmt = convert.detect_format(src.path, req.format)
-        cache = BuildCache.from_env(req.cache_dir)
-        key = cache_key({
-            "source_sha256": src.sha256, "format": fmt, "name": name, "options": dataclasses.asdict(options),
-            "template": cfgmod.to_pbtxt(template) if template is not None else None, "opset": req.opset,
-            "calibration": [str(req.calibration), req.calibration_samples], "parity_data": str(req.parity_data),
-            "parity": [req.parity_max_abs_error, req.parity_samples, req.parity_seed], "tools": tool_versions(),
-        })
-        cached = cache.lookup(key) if cache is not None else None
-        if cache is not None and cached is not None:
-            model_tree = staging / "model"
-            report = cache.restore(cached, model_tree, version)
-            report.update({"name": name, "version": version, "repository": str(req.repo),
-                           "cache": {"hit": True, "key": key, "dir": str(cache.root)},
-                           "build_seconds": round(time.monotonic() - started, 3)})
-            repository.write_json(model_tree / str(version) / "build.json", report)
-            published = repository.publish(model_tree, req.repo, name, version, req.overwrite)
-            report["path"] = str(published)
-            return BuildResult(name, version, req.repo / name, published, report)
-        steps = 4 + (options.precision == "int8") + (options.backend == "tensorrt")
-        with progress_bar(steps, f"build {name}", req.show_progress, unit="step") as bar:
-            t0 = time.monotonic()
-            source = convert.load_source(src.path, fmt)
-            bar.update()
-            fp32_path = staging / "model.fp32.onnx"
-            convert.convert_to_onnx(source, src.path, fp32_path, req.opset)
-            convert_s = time.monotonic() - t0
-            bar.update()
-            signature = source.signature
 
-            if req.parity_data is not None:
-                feeds, labels = parity.load_parity_data(_fetch_npz(req.parity_data, req, staging, "parity"), signature)
-            else:
-                feeds, labels = parity.synthesize_inputs(signature, req.parity_samples, req.parity_seed), None
+def _fetch_source(b: _Build) -> FetchedSource:
+    req = b.req
+    kwargs: dict[str, Any] = {"max_bytes": req.max_download_bytes} if req.max_download_bytes else {}
+    return fetch(req.source, b.staging, sha256=req.sha256, s3_endpoint=req.s3_endpoint,
+                 show_progress=req.show_progress, **kwargs)  # fmt: skip
 
-            artifact_onnx, quant_info = fp32_path, None
-            if options.precision == "int8":
-                calib = None
-                if req.calibration:
-                    calib, _ = parity.load_parity_data(_fetch_npz(req.calibration, req, staging, "calibration"),
-                                                       signature)
-                    if req.calibration_samples:
-                        calib = {k: v[: req.calibration_samples] for k, v in calib.items()}
-                artifact_onnx = staging / "model.int8.onnx"
-                from model_repo_builder.quantize import quantize_int8
 
-                quant_info = quantize_int8(fp32_path, artifact_onnx, calib)
-                convert.load_onnx_checked(artifact_onnx, source=False)
-                bar.update()
-            elif req.calibration:
-                # Calibration only drives int8; say so in the report rather than failing a valid deployment.
-                report["calibration_ignored"] = (
-                    f"calibration data is only used for int8 (precision {options.precision})"
-                )
+def _cache_key(b: _Build, src: FetchedSource, fmt: str) -> str:
+    """Everything the built tree depends on: the source's digest, the options, the template and the tools."""
+    req, plan = b.req, b.plan
+    return cache_key({
+        "source_sha256": src.sha256, "format": fmt, "name": plan.name, "options": dataclasses.asdict(plan.options),
+        "template": cfgmod.to_pbtxt(plan.template) if plan.template is not None else None, "opset": req.opset,
+        "calibration": [str(req.calibration), req.calibration_samples], "parity_data": str(req.parity_data),
+        "parity": [req.parity_max_abs_error, req.parity_samples, req.parity_seed], "tools": tool_versions(),
+    })  # fmt: skip
 
-            tol = parity.default_tolerance(options.precision, req.parity_max_abs_error)
-            optimized = convert.onnx_predictor(artifact_onnx)
-            parity_report = parity.compare(source.predict, optimized, feeds, tol, labels=labels)
-            bar.update()
-            report["parity"] = parity_report.to_dict()
-            if options.precision == "fp16" or options.backend == "tensorrt":
-                report["parity"]["note"] = (
-                    "checked on the ONNX model fed to TensorRT; TensorRT kernels (fp16/int8) are not run by the build"
-                )
-            if not parity_report.passed:
-                raise ParityError(
-                    f"parity gate failed for {name} ({options.precision}): " + "; ".join(parity_report.failures),
-                    "inspect the figures (--json), relax --parity-max-abs-error if justified, or use higher precision",
-                    # A compact summary: the whole JSON error line must fit Kubernetes' 2 KiB termination message.
-                    details={"parity": {k: report["parity"][k] for k in (
-                        "max_abs_error", "max_rel_error", "topk_overlap", "auc_drop", "failures", "samples"
-                    )}},
-                )
 
-            model_tree = staging / "model"
-            vdir = model_tree / str(version)
-            vdir.mkdir(parents=True)
-            trt_info = None
-            if options.backend == "tensorrt":
-                from model_repo_builder.tensorrt_build import build_engine
-
-                artifact = vdir / "model.plan"
-                trt_info = build_engine(
-                    artifact_onnx, artifact, signature,
-                    max_batch_size=options.max_batch_size, precision=options.precision,
-                )
-                bar.update()
-            else:
-                artifact = vdir / "model.onnx"
-                shutil.copyfile(artifact_onnx, artifact)
-                if options.backend == "python":
-                    model_py = Path(__file__).with_name("python_backend_model.py")
-                    shutil.copyfile(model_py, vdir / "model.py")
-
-            warmup_files: dict[str, str] = {}
-            if options.warmup_batch_size:
-                # Warmup with a real sample (first parity row) rather than random bytes: realistic ids/values.
-                (model_tree / "warmup").mkdir()
-                for spec in signature.inputs:
-                    (model_tree / "warmup" / spec.name).write_bytes(np.ascontiguousarray(feeds[spec.name][0]).tobytes())
-                    warmup_files[spec.name] = spec.name
-            if template is not None:
-                model_cfg = cfgmod.merge_signature(template, name, signature, warmup_files)
-                model_cfg.parameters[cfgmod.PARAM_PRECISION].string_value = options.precision
-            else:
-                model_cfg = cfgmod.build_model_config(name, options, signature)
-                if options.warmup_batch_size:
-                    cfgmod.add_warmup(model_cfg, signature, options.warmup_batch_size, warmup_files)
-            (model_tree / "config.pbtxt").write_text(cfgmod.to_pbtxt(model_cfg))
-            bar.update()
-
-            report.update(
-                {
-                    "source": {"uri": req.source, "format": fmt, "sha256": src.sha256, "size_bytes": src.size_bytes},
-                    "artifact": {
-                        "file": artifact.name, "sha256": sha256_of(artifact), "size_bytes": artifact.stat().st_size
-                    },
-                    "backend": options.backend,
-                    "precision": options.precision,
-                    "opset": req.opset,
-                    "quantization": quant_info,
-                    "tensorrt": trt_info,
-                    "signature": {
-                        "inputs": [dataclasses.asdict(s) for s in signature.inputs],
-                        "outputs": [dataclasses.asdict(s) for s in signature.outputs],
-                    },
-                    "tool_versions": tool_versions(),
-                    "convert_seconds": round(convert_s, 3),
-                    "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                }
-            )
-            report["build_seconds"] = round(time.monotonic() - started, 3)
-            if cache is not None:
-                report["cache"] = {"hit": False, "key": key, "dir": str(cache.root)}
-            repository.write_json(vdir / "build.json", report)
-            if cache is not None:
-                error = cache.store(key, model_tree, version)
-                if error:
-                    report["cache"]["store_error"] = error
-            published = repository.publish(model_tree, req.repo, name, version, req.overwrite)
+def _restore_cached(b: _Build, cache: BuildCache, cached: Path, key: str) -> BuildResult:
+    """A cache hit: the tree an earlier build of the same inputs made, with a fresh build.json."""
+    req, plan, started = b.req, b.plan, b.started
+    model_tree = b.staging / "model"
+    report = cache.restore(cached, model_tree, plan.version)
+    report.update({"name": plan.name, "version": plan.version, "repository": str(req.repo),
+                   "cache": {"hit": True, "key": key, "dir": str(cache.root)},
+                   "build_seconds": round(time.monotonic() - started, 3)})  # fmt: skip
+    repository.write_json(model_tree / str(plan.version) / "build.json", report)
+    published = repository.publish(model_tree, req.repo, plan.name, plan.version, req.overwrite)
     report["path"] = str(published)
-    return BuildResult(name, version, req.repo / name, published, report)
+    return BuildResult(plan.name, plan.version, req.repo / plan.name, published, report)
+
+
+def _convert(b: _Build, src: FetchedSource, fmt: str) -> _Converted:
+    """The source model loaded (safely: see convert.load_source) and exported to fp32 ONNX."""
+    t0 = time.monotonic()
+    source = convert.load_source(src.path, fmt)
+    b.bar.update()
+    fp32_path = b.staging / "model.fp32.onnx"
+    convert.convert_to_onnx(source, src.path, fp32_path, b.req.opset)
+    b.bar.update()
+    return _Converted(source, fp32_path, time.monotonic() - t0)
+
+
+def _parity_inputs(
+    b: _Build, signature: cfgmod.ModelSignature
+) -> tuple[dict[str, NDArray[Any]], NDArray[Any] | None]:
+    """The parity set: the user's rows (with labels, when given) or synthesized inputs of the model's signature."""
+    req = b.req
+    if req.parity_data is not None:
+        return parity.load_parity_data(_fetch_npz(req.parity_data, req, b.staging, "parity"), signature)
+    return parity.synthesize_inputs(signature, req.parity_samples, req.parity_seed), None
+
+
+def _optimize(b: _Build, converted: _Converted) -> _Optimized:
+    """int8: quantize with the calibration rows; other precisions build from the fp32 export."""
+    req, plan, staging = b.req, b.plan, b.staging
+    if plan.options.precision != "int8":
+        if req.calibration:
+            # Calibration only drives int8; say so in the report rather than failing a valid deployment.
+            b.report["calibration_ignored"] = (
+                f"calibration data is only used for int8 (precision {plan.options.precision})"
+            )
+        return _Optimized(converted.onnx, None)
+    calib = None
+    if req.calibration:
+        calib, _ = parity.load_parity_data(_fetch_npz(req.calibration, req, staging, "calibration"),
+                                           converted.source.signature)  # fmt: skip
+        if req.calibration_samples:
+            calib = {k: v[: req.calibration_samples] for k, v in calib.items()}
+    int8_path = staging / "model.int8.onnx"
+    from model_repo_builder.quantize import quantize_int8
+
+    info = quantize_int8(converted.onnx, int8_path, calib)
+    convert.load_onnx_checked(int8_path, source=False)
+    b.bar.update()
+    return _Optimized(int8_path, info)
+
+
+def _parity_gate(
+    b: _Build, converted: _Converted, optimized: _Optimized, feeds: dict[str, NDArray[Any]], labels: NDArray[Any] | None
+) -> None:
+    """The optimized model against its source on the parity set; a failure stops the build (ParityError)."""
+    plan, report, options = b.plan, b.report, b.plan.options
+    tol = parity.default_tolerance(options.precision, b.req.parity_max_abs_error)
+    result = parity.compare(converted.source.predict, convert.onnx_predictor(optimized.onnx), feeds, tol,
+                            labels=labels)  # fmt: skip
+    b.bar.update()
+    report["parity"] = result.to_dict()
+    if options.precision == "fp16" or options.backend == "tensorrt":
+        report["parity"]["note"] = (
+            "checked on the ONNX model fed to TensorRT; TensorRT kernels (fp16/int8) are not run by the build"
+        )
+    if not result.passed:
+        raise ParityError(
+            f"parity gate failed for {plan.name} ({options.precision}): " + "; ".join(result.failures),
+            "inspect the figures (--json), relax --parity-max-abs-error if justified, or use higher precision",
+            # A compact summary: the whole JSON error line must fit Kubernetes' 2 KiB termination message.
+            details={"parity": {k: report["parity"][k] for k in (
+                "max_abs_error", "max_rel_error", "topk_overlap", "auc_drop", "failures", "samples"
+            )}},
+        )  # fmt: skip
+
+
+def _write_model(
+    b: _Build, signature: cfgmod.ModelSignature, optimized: _Optimized, feeds: dict[str, NDArray[Any]]
+) -> _Written:
+    """The staged repository tree: the engine (TensorRT plan or ONNX), warmup samples and config.pbtxt."""
+    plan, options = b.plan, b.plan.options
+    model_tree = b.staging / "model"
+    vdir = model_tree / str(plan.version)
+    vdir.mkdir(parents=True)
+    trt_info = None
+    if options.backend == "tensorrt":
+        from model_repo_builder.tensorrt_build import build_engine
+
+        artifact = vdir / "model.plan"
+        trt_info = build_engine(optimized.onnx, artifact, signature, max_batch_size=options.max_batch_size,
+                                precision=options.precision)  # fmt: skip
+        b.bar.update()
+    else:
+        artifact = vdir / "model.onnx"
+        shutil.copyfile(optimized.onnx, artifact)
+        if options.backend == "python":
+            shutil.copyfile(Path(__file__).with_name("python_backend_model.py"), vdir / "model.py")
+    warmup_files = _write_warmup(model_tree, signature, feeds) if options.warmup_batch_size else {}
+    (model_tree / "config.pbtxt").write_text(cfgmod.to_pbtxt(_model_config(plan, signature, warmup_files)))
+    b.bar.update()
+    return _Written(model_tree, artifact, trt_info)
+
+
+def _write_warmup(model_tree: Path, signature: cfgmod.ModelSignature, feeds: dict[str, NDArray[Any]]) -> dict[str, str]:
+    """Warmup with a real sample (the first parity row) rather than random bytes: realistic ids and values."""
+    (model_tree / "warmup").mkdir()
+    for spec in signature.inputs:
+        (model_tree / "warmup" / spec.name).write_bytes(np.ascontiguousarray(feeds[spec.name][0]).tobytes())
+    return {spec.name: spec.name for spec in signature.inputs}
+
+
+def _model_config(plan: _Plan, signature: cfgmod.ModelSignature, warmup_files: dict[str, str]) -> Any:
+    """config.pbtxt: the operator's template with the model's signature merged in, or one built from the flags."""
+    if plan.template is not None:
+        model_cfg = cfgmod.merge_signature(plan.template, plan.name, signature, warmup_files)
+        model_cfg.parameters[cfgmod.PARAM_PRECISION].string_value = plan.options.precision
+        return model_cfg
+    model_cfg = cfgmod.build_model_config(plan.name, plan.options, signature)
+    if plan.options.warmup_batch_size:
+        cfgmod.add_warmup(model_cfg, signature, plan.options.warmup_batch_size, warmup_files)
+    return model_cfg
+
+
+def _provenance(
+    b: _Build, *, src: FetchedSource, fmt: str, converted: _Converted, optimized: _Optimized, written: _Written
+) -> dict[str, Any]:
+    """build.json's record of where the model came from, what was built and with which tools."""
+    req, plan = b.req, b.plan
+    signature, artifact = converted.source.signature, written.artifact
+    return {
+        "source": {"uri": req.source, "format": fmt, "sha256": src.sha256, "size_bytes": src.size_bytes},
+        "artifact": {"file": artifact.name, "sha256": sha256_of(artifact), "size_bytes": artifact.stat().st_size},
+        "backend": plan.options.backend,
+        "precision": plan.options.precision,
+        "opset": req.opset,
+        "quantization": optimized.quantization,
+        "tensorrt": written.tensorrt,
+        "signature": {
+            "inputs": [dataclasses.asdict(s) for s in signature.inputs],
+            "outputs": [dataclasses.asdict(s) for s in signature.outputs],
+        },
+        "tool_versions": tool_versions(),
+        "convert_seconds": round(converted.seconds, 3),
+        "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }

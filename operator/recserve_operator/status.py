@@ -102,80 +102,19 @@ def compute_status(
 ) -> dict[str, Any]:
     """The status after this reconcile; `rollout` carries what a canary/abTest adds (see RolloutReport)."""
     held, stalled = rollout.held, rollout.stalled
-    conds: list[dict[str, Any]] = [dict(x) for x in old.get("conditions") or []]
     st = observations.get(decision.stable) or RevisionObservation(revision=decision.stable)
     lt = observations.get(latest) or RevisionObservation(revision=latest)
     if held is not None:
         lt = st
     latest_problem = problem_of(lt)
     stable_problem = problem_of(st) if decision.stable != latest else None
-    backend = spec.resolved_backend
-
-    # ModelRepositoryReady: the newest revision's build.
-    if lt.build_failed:
-        repo = c.Condition(c.MODEL_REPOSITORY_READY, "False", c.BUILD_FAILED, lt.build_failed)
-    elif lt.built and held is not None:
-        repo = c.Condition(
-            c.MODEL_REPOSITORY_READY, "True", c.BUILT, f"revision {decision.stable} is built and serving"
-        )
-    elif lt.built:
-        repo = c.Condition(
-            c.MODEL_REPOSITORY_READY, "True", c.BUILT,
-            f"model version {spec.model.version} built for {backend}/{spec.optimize.precision} (revision {latest})",
-        )  # fmt: skip
-    elif lt.building:
-        repo = c.Condition(
-            c.MODEL_REPOSITORY_READY, "False", c.BUILDING, f"model-repo-builder is building revision {latest}"
-        )
-    else:
-        repo = c.Condition(c.MODEL_REPOSITORY_READY, "False", c.PENDING, f"waiting for pods of revision {latest}")
-
-    # Ready: the stable revision serves requests.
-    if st.ready_replicas > 0:
-        ready = c.Condition(
-            c.READY, "True", c.AVAILABLE,
-            f"{st.ready_replicas}/{st.desired_replicas} replicas of revision {decision.stable} ready",
-        )  # fmt: skip
-    else:
-        p = problem_of(st)
-        if p is not None:
-            ready = c.Condition(c.READY, "False", p.reason, p.message)
-        elif st.building or (st.exists and not st.built):
-            ready = c.Condition(c.READY, "False", c.DEPLOYING, f"revision {decision.stable} is starting")
-        else:
-            ready = c.Condition(c.READY, "False", c.DEPLOYING, f"waiting for revision {decision.stable}")
-
-    # Progressing: a revision is being rolled out or scaled up.
-    if held is not None:
-        progressing = c.Condition(c.PROGRESSING, "False", held.reason, held.message)
-    elif latest_problem is not None:
-        progressing = c.Condition(c.PROGRESSING, "False", latest_problem.reason, latest_problem.message)
-    elif stalled is not None:
-        progressing = c.Condition(c.PROGRESSING, "False", stalled.reason, stalled.message)
-    elif decision.stable != latest:
-        progressing = c.Condition(
-            c.PROGRESSING, "True", c.ROLLING_OUT,
-            f"revision {latest} is rolling out to replace {decision.stable}: "
-            f"{lt.ready_replicas}/{lt.desired_replicas} replicas ready",
-        )  # fmt: skip
-    elif not lt.available:
-        progressing = c.Condition(
-            c.PROGRESSING, "True", c.DEPLOYING,
-            f"revision {latest}: {lt.ready_replicas}/{lt.desired_replicas} replicas ready",
-        )  # fmt: skip
-    else:
-        progressing = c.Condition(c.PROGRESSING, "False", c.ROLLOUT_COMPLETE, f"revision {latest} is Available")
-
-    problem = latest_problem or stable_problem
-    if problem is None and held is not None and held.reason in ROLLBACK_REASONS:
-        problem = held
-    problem = problem or stalled
-    if problem is not None:
-        degraded = c.Condition(c.DEGRADED, "True", problem.reason, problem.message)
-    else:
-        degraded = c.Condition(c.DEGRADED, "False", c.AS_EXPECTED, "no problems observed")
-
-    for cond in (ready, repo, progressing, degraded):
+    conds: list[dict[str, Any]] = [dict(x) for x in old.get("conditions") or []]
+    for cond in (
+        _ready(st, decision.stable),
+        _repository(spec, lt, latest, decision.stable, held),
+        _progressing(lt, latest, decision.stable, held or latest_problem or stalled),
+        _degraded(latest_problem or stable_problem, held, stalled),
+    ):
         conds = _set(conds, cond, now, generation)
     if rollout.metrics is not None:
         conds = _set(conds, rollout.metrics, now, generation)
@@ -202,3 +141,67 @@ def compute_status(
         }
     )
     return status
+
+
+def _repository(
+    spec: RecommenderModelSpec, lt: RevisionObservation, latest: str, stable: str, held: Problem | None
+) -> c.Condition:
+    """ModelRepositoryReady: the newest revision's build."""
+    if lt.build_failed:
+        return c.Condition(c.MODEL_REPOSITORY_READY, "False", c.BUILD_FAILED, lt.build_failed)
+    if lt.built and held is not None:
+        return c.Condition(c.MODEL_REPOSITORY_READY, "True", c.BUILT, f"revision {stable} is built and serving")
+    if lt.built:
+        backend = spec.resolved_backend
+        return c.Condition(
+            c.MODEL_REPOSITORY_READY, "True", c.BUILT,
+            f"model version {spec.model.version} built for {backend}/{spec.optimize.precision} (revision {latest})",
+        )  # fmt: skip
+    if lt.building:
+        return c.Condition(
+            c.MODEL_REPOSITORY_READY, "False", c.BUILDING, f"model-repo-builder is building revision {latest}"
+        )
+    return c.Condition(c.MODEL_REPOSITORY_READY, "False", c.PENDING, f"waiting for pods of revision {latest}")
+
+
+def _ready(st: RevisionObservation, stable: str) -> c.Condition:
+    """Ready: the stable revision serves requests."""
+    if st.ready_replicas > 0:
+        message = f"{st.ready_replicas}/{st.desired_replicas} replicas of revision {stable} ready"
+        return c.Condition(c.READY, "True", c.AVAILABLE, message)
+    p = problem_of(st)
+    if p is not None:
+        return c.Condition(c.READY, "False", p.reason, p.message)
+    if st.building or (st.exists and not st.built):
+        return c.Condition(c.READY, "False", c.DEPLOYING, f"revision {stable} is starting")
+    return c.Condition(c.READY, "False", c.DEPLOYING, f"waiting for revision {stable}")
+
+
+def _progressing(lt: RevisionObservation, latest: str, stable: str, blocked: Problem | None) -> c.Condition:
+    """Progressing: a revision is being rolled out or scaled up. `blocked`: why it is not (held, a problem of the
+    spec's revision, a stalled step)."""
+    if blocked is not None:
+        return c.Condition(c.PROGRESSING, "False", blocked.reason, blocked.message)
+    if stable != latest:
+        return c.Condition(
+            c.PROGRESSING, "True", c.ROLLING_OUT,
+            f"revision {latest} is rolling out to replace {stable}: {lt.ready_replicas}/{lt.desired_replicas} "
+            "replicas ready",
+        )  # fmt: skip
+    if not lt.available:
+        return c.Condition(
+            c.PROGRESSING, "True", c.DEPLOYING,
+            f"revision {latest}: {lt.ready_replicas}/{lt.desired_replicas} replicas ready",
+        )  # fmt: skip
+    return c.Condition(c.PROGRESSING, "False", c.ROLLOUT_COMPLETE, f"revision {latest} is Available")
+
+
+def _degraded(observed: Problem | None, held: Problem | None, stalled: Problem | None) -> c.Condition:
+    """Degraded: a revision's problem, else a rollback's reason, else a stalled step."""
+    problem = observed
+    if problem is None and held is not None and held.reason in ROLLBACK_REASONS:
+        problem = held
+    problem = problem or stalled
+    if problem is not None:
+        return c.Condition(c.DEGRADED, "True", problem.reason, problem.message)
+    return c.Condition(c.DEGRADED, "False", c.AS_EXPECTED, "no problems observed")

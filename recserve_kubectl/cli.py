@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import yaml
-from recserve_operator.builders.common import BUILDER_CONTAINER, REVISION_LABEL
-from recserve_operator.rollout.controls import ROLLOUT_ACTION_ANNOTATION, refusal
+from recserve_operator.names import BUILDER_CONTAINER, REVISION_LABEL, ROLLOUT_ACTION_ANNOTATION
+from recserve_operator.rollout.controls import refusal
 from recserve_operator.rollout.policy import ManualAction
 from recserve_operator.rollout.state import RolloutState
 

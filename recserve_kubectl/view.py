@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from recserve_operator.builders.common import INSTANCE_LABEL, MODEL_VERSION_ANNOTATION, REVISION_LABEL
+from recserve_operator.names import INSTANCE_LABEL, MODEL_VERSION_ANNOTATION, REVISION_LABEL
 from recserve_operator.rollout.policy import parse_duration
 from recserve_operator.rollout.state import parse_time
 

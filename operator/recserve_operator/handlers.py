@@ -16,8 +16,8 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from recserve_operator import telemetry
-from recserve_operator.builders.common import INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER
 from recserve_operator.kube import Kube
+from recserve_operator.names import MANAGED_BY_LABEL, MANAGER, model_of
 from recserve_operator.reconcile import Reconciler
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import GROUP, PLURAL, VERSION
@@ -25,8 +25,6 @@ from recserve_operator.spec import GROUP, PLURAL, VERSION
 logger = logging.getLogger("recserve.handlers")
 MODEL = (GROUP, VERSION, PLURAL)
 OWNED = {MANAGED_BY_LABEL: MANAGER}
-COMPONENT_LABEL = "app.kubernetes.io/component"
-ROUTER_SUFFIX = "-router"
 COMPONENT = "recserve-operator"
 
 # The operator process has one reconciler; Kopf's indices are attached on the first handler call.
@@ -72,8 +70,9 @@ def _plain(
 
 
 def _owned_key(namespace: str | None, labels: Mapping[str, str]) -> tuple[str, str] | None:
-    instance = labels.get(INSTANCE_LABEL)
-    return (namespace, instance) if namespace and instance else None
+    """Owned objects are indexed under their model (names.model_of), the router's objects included."""
+    model = model_of(labels)
+    return (namespace, model) if namespace and model else None
 
 
 @kopf.on.startup()
@@ -225,10 +224,9 @@ def _owner_changed(event: kopf.RawEvent, namespace: str | None, labels: kopf.Lab
     key = _owned_key(namespace, labels)
     if key is None:
         return
+    # A router pod that finished rolling is its model's event too: the model may now drain the revisions the old
+    # plan named.
     model = _indices.model(*key)
-    if model is None and labels.get(COMPONENT_LABEL) == "router" and key[1].endswith(ROUTER_SUFFIX):
-        # A router pod finished rolling: the model may now drain the revisions the old plan named.
-        model = _indices.model(key[0], key[1].removesuffix(ROUTER_SUFFIX))
     if model is not None and not model["metadata"].get("deletionTimestamp"):
         try:
             _run(model)

@@ -6,8 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from recserve_operator.names import ROUTER_CONFIG_HASH_ANNOTATION
 from recserve_operator.observe import RevisionObservation
-from recserve_operator.routers.builtin import CONFIG_HASH_ANNOTATION
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def router_serves(desired: Mapping[str, Any] | None, live: Mapping[str, Any] | N
 
     def template_hash(obj: Mapping[str, Any]) -> str | None:
         tpl = (obj.get("spec") or {}).get("template") or {}
-        return ((tpl.get("metadata") or {}).get("annotations") or {}).get(CONFIG_HASH_ANNOTATION)
+        return ((tpl.get("metadata") or {}).get("annotations") or {}).get(ROUTER_CONFIG_HASH_ANNOTATION)
 
     if template_hash(live) != template_hash(desired):
         return False

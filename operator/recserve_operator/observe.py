@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from recserve_operator.builders.common import BUILDER_CONTAINER
 from recserve_operator.builders.deployment import GPU_RESOURCE, TRITON_CONTAINER
+from recserve_operator.names import BUILDER_CONTAINER
 
 _MAX_MESSAGE = 1024
 

@@ -18,14 +18,7 @@ from kubernetes.utils.quantity import parse_quantity
 
 from recserve_operator import conditions as c
 from recserve_operator import telemetry
-from recserve_operator.builders.common import (
-    INSTANCE_LABEL,
-    MANAGED_BY_LABEL,
-    MANAGER,
-    REVISION_LABEL,
-    Ids,
-    owner_reference,
-)
+from recserve_operator.builders.common import Ids
 from recserve_operator.builders.configmap import build_configmap
 from recserve_operator.builders.deployment import build_deployment
 from recserve_operator.builders.hpa import build_hpa
@@ -33,24 +26,32 @@ from recserve_operator.builders.pdb import build_pdb
 from recserve_operator.builders.service import build_revision_service, build_stable_service
 from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.kube import Kube, resource_of
-from recserve_operator.lifecycle import RouterObservation, TrafficDecision, decide_immediate, router_serves
+from recserve_operator.lifecycle import RouterObservation, TrafficDecision, router_serves
+from recserve_operator.names import (
+    MANAGED_BY_LABEL,
+    MANAGER,
+    REVISION_LABEL,
+    ROLLOUT_ACTION_ANNOTATION,
+    is_router,
+    model_of,
+    router_name,
+)
 from recserve_operator.observe import RevisionObservation, observe_revision
-from recserve_operator.rollout.controls import ROLLOUT_ACTION_ANNOTATION
-from recserve_operator.routers.base import router_name
-from recserve_operator.routers.builtin import GRPC_SERVICE_PORT as ROUTER_GRPC_SERVICE_PORT
-from recserve_operator.routers.builtin import SERVICE_PORT as ROUTER_HTTP_PORT
+from recserve_operator.rollout.policy import Strategy as RolloutStrategy
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import InvalidSpec, RecommenderModelSpec, parse_spec, revision_of
-from recserve_operator.status import FOREIGN_KEYS, RolloutReport, compute_status, invalid_status
+from recserve_operator.status import FOREIGN_KEYS, compute_status, invalid_status
+from recserve_operator.strategy import Context, Immediate, Plan, Strategy
 
 if TYPE_CHECKING:
     from recserve_operator.metrics.base import MetricsProvider
-    from recserve_operator.strategies import ProgressiveDecision
 
 logger = logging.getLogger("recserve.reconcile")
 
 # Kinds deleted when their revision leaves the decision's keep set (ordered: traffic first, config last).
 REVISIONED_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment", "ConfigMap")
+# The builtin router's kinds (in the watch caches), deleted when the plan no longer names them.
+ROUTER_KINDS = ("Service", "Deployment", "ConfigMap")
 SERVICEMONITOR_API = "/apis/monitoring.coreos.com/v1"
 INDEXED_KINDS = frozenset(("Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler"))
 _DISCOVERY_TTL_S = 300.0
@@ -78,6 +79,7 @@ class Reconciler:
     _sm_checked: tuple[float, bool] = (0.0, False)
     _providers: dict[str, MetricsProvider] = field(default_factory=dict)
     _verified: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict)
+    _routes_dropped: set[str] = field(default_factory=set)  # models (uid) asked to drop an HTTPRoute this run
 
     def lock_for(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -88,8 +90,9 @@ class Reconciler:
             self._locks.pop((namespace, name), None)
             if uid:
                 self._status.pop(uid, None)
+                self._routes_dropped.discard(uid)
             for key, obj in list(self._applied.items()):
-                if key[1] == namespace and (obj["metadata"].get("labels") or {}).get(INSTANCE_LABEL) == name:
+                if key[1] == namespace and model_of(obj["metadata"].get("labels") or {}) == name:
                     self._applied.pop(key, None)
             self._verified.pop(("ServiceMonitor", namespace, name), None)
 
@@ -120,7 +123,7 @@ class Reconciler:
     def _live(self, kind: str, namespace: str, name: str) -> list[dict[str, Any]]:
         objs = {o["metadata"]["name"]: o for o in self.live.owned(kind, namespace, name)}
         for (k, ns, obj_name), applied in list(self._applied.items()):
-            if k != kind or ns != namespace or (applied["metadata"].get("labels") or {}).get(INSTANCE_LABEL) != name:
+            if k != kind or ns != namespace or model_of(applied["metadata"].get("labels") or {}) != name:
                 continue
             cached = objs.get(obj_name)
             if cached is None or _rv(cached) < _rv(applied):
@@ -130,87 +133,96 @@ class Reconciler:
         return list(objs.values())
 
     def _reconcile(self, body: Mapping[str, Any], post: EventFn, now: datetime) -> dict[str, int]:
+        """observe -> measure -> decide (the strategy) -> plan -> apply -> announce -> report."""
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        generation = int(meta.get("generation") or 0)
-        now_s = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         old_status = self._status.get(uid) or dict(body.get("status") or {})
-        counts = {"applied": 0, "deleted": 0, "status": 0}
-
-        deployments = self._live("Deployment", namespace, name)
         pods = self.live.owned("Pod", namespace, name)
-        observations = _observe(deployments, pods)
-        stable_rev = (old_status.get("stable") or {}).get("revision")
-
-        progressive: ProgressiveDecision | None = None
+        observations = _observe(self._live("Deployment", namespace, name), pods)
         try:
-            spec = parse_spec(body.get("spec") or {})
-            latest = revision_of(spec)
-            ids = Ids(name=name, namespace=namespace, uid=uid, revision=latest)
-            if spec.rollout.strategy == "immediate":
-                decision = decide_traffic(spec, stable_rev, latest, observations)
-            else:
-                progressive = self._decide_progressive(spec, ids, body, status=old_status, observations=observations,
-                                                       now=now)  # fmt: skip
-                decision = progressive.traffic
-            desired_latest = self._desired_revision(spec, ids, decision)
-        except InvalidSpec as exc:
-            status = invalid_status(
-                old_status, message=str(exc), generation=generation, now=now_s,
-                stable_obs=observations.get(stable_rev) if stable_rev else None,
+            spec = parse_spec(body.get("spec") or {}, default_prometheus=self.defaults.prometheus_url)
+            ctx = Context(
+                spec, Ids(name, namespace, uid, revision_of(spec)), old_status, meta.get("annotations") or {},
+                observations, self._router_observation(namespace, name, pods), now, self.defaults.cluster_domain,
             )  # fmt: skip
-            counts["status"] = self._write_status(namespace, name, uid, old=old_status, new=status, post=post)
-            return counts
-
-        # A rolled-back or superseded candidate is not recreated: only revisions the decision keeps are built.
-        desired: list[dict[str, Any]] = list(desired_latest) if latest in decision.keep else []
-        stable_ids = Ids(name=name, namespace=namespace, uid=uid, revision=decision.stable)
-        desired.append(build_stable_service(spec, stable_ids))
-        if self.servicemonitor_supported():
-            desired.append(build_servicemonitor(spec, ids))
-        if progressive is not None:
-            desired.extend(progressive.router_objects)
-
-        for obj in desired:
-            if self._apply_if_changed(obj):
-                counts["applied"] += 1
-        counts["applied"] += self._scale_kept(spec, ids, decision)
-        # Revisions the decision dropped go only once the router no longer sends them anything (defect: the
-        # old revision deleted in the reconcile that moved traffic failed requests at every promotion).
-        if self._router_drained(namespace, name, progressive, decision.keep):
-            counts["deleted"] = self._delete_outside(namespace, name, decision.keep)
-
-        if progressive is not None:
-            for type_, reason, message in progressive.events:
-                post(type_, reason, message)
-            if progressive.outcome:
-                telemetry.ROLLOUTS.labels(outcome=progressive.outcome).inc()
-            if progressive.handled_action and (meta.get("annotations") or {}).get(ROLLOUT_ACTION_ANNOTATION):
-                self.kube.patch_annotations(namespace, name, {ROLLOUT_ACTION_ANNOTATION: None})
-        elif decision.promoted and stable_rev and decision.promoted != stable_rev:
-            post("Normal", "Promoted", f"Revision {decision.promoted} replaced {stable_rev}: {decision.reason}")
-            telemetry.ROLLOUTS.labels(outcome="promoted").inc()
-
+            strategy = self._strategy(spec)
+            plan = strategy.decide(ctx, strategy.measure(ctx))
+            desired = self._desired(ctx, plan)
+        except InvalidSpec as exc:
+            written = self._report_invalid(body, exc, old_status=old_status, observations=observations, post=post,
+                                           now=now)  # fmt: skip
+            return {"applied": 0, "deleted": 0, "status": written}
+        counts = self._apply(ctx, plan, desired)
+        self._announce(ctx, plan, post)
         if counts["applied"] or counts["deleted"]:
             # Report on what now exists (our writes are in the applied cache), not on the pre-apply snapshot.
             observations = _observe(self._live("Deployment", namespace, name), pods)
-        status = compute_status(
-            old_status, spec=spec, name=name, namespace=namespace, generation=generation, now=now_s, latest=latest,
-            decision=decision, observations=observations, cluster_domain=self.defaults.cluster_domain,
-            rollout=progressive.report if progressive is not None else RolloutReport(),
-        )  # fmt: skip
-        foreign: tuple[str, ...] = FOREIGN_KEYS
-        if progressive is not None:
-            status.update(progressive.rollout_status)
-            foreign = ("kopf",)
-            if spec.rollout.provider == "builtin":
-                host = f"{name}-router.{namespace}.svc.{self.defaults.cluster_domain}"
-                status["endpoints"] = {"http": f"http://{host}:{ROUTER_HTTP_PORT}",
-                                       "grpc": f"{host}:{ROUTER_GRPC_SERVICE_PORT}"}
-        counts["status"] = self._write_status(
-            namespace, name, uid, old=old_status, new=status, post=post, foreign=foreign
-        )
+        counts["status"] = self._report(ctx, plan, body, observations, post)
         return counts
+
+    def _strategy(self, spec: RecommenderModelSpec) -> Strategy[Any]:
+        if spec.rollout.strategy is RolloutStrategy.IMMEDIATE:
+            return Immediate()
+        # Imported on first use: the rollout statistics stack (scipy, statsmodels) costs ~85 MiB of RSS.
+        from recserve_operator.strategies import Progressive
+
+        return Progressive(self._metrics, self.defaults.router_image, self.defaults.router_placement())
+
+    def _desired(self, ctx: Context, plan: Plan) -> list[dict[str, Any]]:
+        """Every object the plan needs. A rolled-back or superseded candidate is not recreated: only revisions the
+        decision keeps are built."""
+        spec, ids, decision = ctx.spec, ctx.ids, plan.traffic
+        desired = self._desired_revision(spec, ids, decision) if ids.revision in decision.keep else []
+        desired.append(build_stable_service(spec, ids.at(decision.stable)))
+        if self.servicemonitor_supported():
+            desired.append(build_servicemonitor(spec, ids))
+        return [*desired, *plan.router_objects]
+
+    def _apply(self, ctx: Context, plan: Plan, desired: list[dict[str, Any]]) -> dict[str, int]:
+        namespace, name = ctx.ids.namespace, ctx.ids.name
+        applied = sum(self._apply_if_changed(obj) for obj in desired)
+        applied += self._scale_kept(ctx.spec, ctx.ids, plan.traffic)
+        deleted = self._delete_routers(ctx, plan)
+        # Revisions the decision dropped go only once the router no longer sends them anything (defect: the
+        # old revision deleted in the reconcile that moved traffic failed requests at every promotion).
+        if self._router_drained(namespace, name, plan):
+            deleted += self._delete_outside(namespace, name, plan.traffic.keep)
+        return {"applied": applied, "deleted": deleted, "status": 0}
+
+    def _announce(self, ctx: Context, plan: Plan, post: EventFn) -> None:
+        for type_, reason, message in plan.events:
+            post(type_, reason, message)
+        if plan.outcome:
+            telemetry.ROLLOUTS.labels(outcome=plan.outcome).inc()
+        if plan.handled_action and ctx.annotations.get(ROLLOUT_ACTION_ANNOTATION):
+            self.kube.patch_annotations(ctx.ids.namespace, ctx.ids.name, {ROLLOUT_ACTION_ANNOTATION: None})
+
+    def _report(
+        self, ctx: Context, plan: Plan, body: Mapping[str, Any], observations: Mapping[str, RevisionObservation],
+        post: EventFn,
+    ) -> int:  # fmt: skip
+        ids = ctx.ids
+        status = compute_status(
+            ctx.status, spec=ctx.spec, name=ids.name, namespace=ids.namespace, generation=_generation(body),
+            now=_timestamp(ctx.now), latest=ids.revision, decision=plan.traffic, observations=observations,
+            cluster_domain=self.defaults.cluster_domain, rollout=plan.report,
+        )  # fmt: skip
+        status.update(plan.status)
+        return self._write_status(ids.namespace, ids.name, ids.uid, old=ctx.status, new=status, post=post,
+                                  foreign=plan.foreign)  # fmt: skip
+
+    def _report_invalid(
+        self, body: Mapping[str, Any], exc: InvalidSpec, *, old_status: Mapping[str, Any],
+        observations: Mapping[str, RevisionObservation], post: EventFn, now: datetime,
+    ) -> int:  # fmt: skip
+        """An invalid spec changes nothing that runs; the condition says which field is wrong."""
+        meta = body["metadata"]
+        stable = (old_status.get("stable") or {}).get("revision")
+        status = invalid_status(
+            old_status, message=str(exc), generation=_generation(body), now=_timestamp(now),
+            stable_obs=observations.get(stable) if stable else None,
+        )  # fmt: skip
+        return self._write_status(meta["namespace"], meta["name"], meta["uid"], old=old_status, new=status, post=post)
 
     def _metrics(self, url: str) -> MetricsProvider:
         from recserve_operator.metrics.base import get_metrics_provider
@@ -221,26 +233,18 @@ class Reconciler:
                 provider = self._providers[url] = get_metrics_provider("prometheus", url)
             return provider
 
-    def _decide_progressive(
-        self, spec: RecommenderModelSpec, ids: Ids, body: Mapping[str, Any], *, status: Mapping[str, Any],
-        observations: Mapping[str, RevisionObservation], now: datetime,
-    ) -> ProgressiveDecision:  # fmt: skip
-        # Imported on first use: the rollout statistics stack (scipy, statsmodels) costs ~85 MiB of RSS.
-        from recserve_operator.strategies import decide_progressive
+    def _router_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The model's builtin router Deployment as the caches show it (one created before the router carried
+        names.MODEL_LABEL is indexed under its own instance label)."""
+        deployments = self._live("Deployment", namespace, name)
+        live = next((d for d in deployments if is_router(d["metadata"].get("labels") or {})), None)
+        return live or next(iter(self._live("Deployment", namespace, router_name(name))), None)
 
-        return decide_progressive(
-            spec, name=ids.name, namespace=ids.namespace, owner_ref=owner_reference(ids), status=status,
-            annotations=body["metadata"].get("annotations") or {}, latest=ids.revision, observations=observations,
-            now=now, default_prometheus=self.defaults.prometheus_url, router_image=self.defaults.router_image,
-            router_placement=self.defaults.router_placement(), metrics=self._metrics,
-            router_live=self._router_observation(ids.namespace, ids.name),
-        )  # fmt: skip
-
-    def _router_observation(self, namespace: str, name: str) -> RouterObservation:
+    def _router_observation(self, namespace: str, name: str, pods: Iterable[Mapping[str, Any]]) -> RouterObservation:
         """The builtin router before this reconcile applies anything: the evidence of the plan it serves."""
-        router = router_name(name)
-        live = next(iter(self._live("Deployment", namespace, router)), None)
-        return RouterObservation(live, tuple(self.live.owned("Pod", namespace, router)))
+        routers = [p for p in pods if is_router((p.get("metadata") or {}).get("labels") or {})]
+        routers += self.live.owned("Pod", namespace, router_name(name))
+        return RouterObservation(self._router_deployment(namespace, name), tuple(routers))
 
     def _desired_revision(
         self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision
@@ -297,9 +301,9 @@ class Reconciler:
     def _apply_if_changed(self, obj: dict[str, Any]) -> bool:
         kind, meta = obj["kind"], obj["metadata"]
         labels = meta.get("labels") or {}
-        instance = labels.get(INSTANCE_LABEL)
-        indexed = kind in INDEXED_KINDS and instance is not None and labels.get(MANAGED_BY_LABEL) == MANAGER
-        if not indexed or instance is None:
+        model = model_of(labels)
+        indexed = kind in INDEXED_KINDS and model is not None and labels.get(MANAGED_BY_LABEL) == MANAGER
+        if not indexed or model is None:
             # Not in the watch caches (ServiceMonitor: its CRD may be absent, so it is not watched). Re-read it
             # only when it changed or the last check is old: drift there is corrected within the TTL.
             key = (kind, meta["namespace"], meta["name"])
@@ -311,7 +315,7 @@ class Reconciler:
             self._verified[key] = (digest, time.monotonic())
         else:
             live = next(
-                (o for o in self._live(kind, meta["namespace"], instance) if o["metadata"]["name"] == meta["name"]),
+                (o for o in self._live(kind, meta["namespace"], model) if o["metadata"]["name"] == meta["name"]),
                 None,
             )
         if live is not None and is_subset(obj, live):
@@ -328,37 +332,62 @@ class Reconciler:
         telemetry.APPLIES.labels(kind=kind).inc()
         return True
 
-    def _router_drained(
-        self, namespace: str, name: str, progressive: ProgressiveDecision | None, keep: frozenset[str]
-    ) -> bool:
-        desired = next((o for o in (progressive.router_objects if progressive else ())
-                        if o.get("kind") == "Deployment"), None)  # fmt: skip
+    def _router_drained(self, namespace: str, name: str, plan: Plan) -> bool:
+        desired = plan.router_deployment
         if desired is None:
             return True
-        router = desired["metadata"]["name"]
-        live = next(iter(self._live("Deployment", namespace, router)), None)
-        drained = router_serves(desired, live, self.live.owned("Pod", namespace, router))
+        live = self._router_deployment(namespace, name)
+        drained = router_serves(desired, live, self._router_observation(namespace, name,
+                                                                        self.live.owned("Pod", namespace, name)).pods)
         dropped = sorted({rev for d in self._live("Deployment", namespace, name)
-                          if (rev := (d["metadata"].get("labels") or {}).get(REVISION_LABEL)) and rev not in keep})
+                          if (rev := (d["metadata"].get("labels") or {}).get(REVISION_LABEL))
+                          and rev not in plan.traffic.keep})  # fmt: skip
         if not drained and dropped:
             logger.info("Keeping revisions until the router serves the new plan namespace=%s name=%s revisions=%s",
                         namespace, name, ",".join(dropped))
         return drained
+
+    def _delete_routers(self, ctx: Context, plan: Plan) -> int:
+        """Router objects the plan does not name go: a switch back to immediate, or to another routing provider.
+
+        The builtin router's objects are in the watch caches. An HTTPRoute is not watched (its CRD may be absent),
+        so a model that ran a progressive rollout (status.canary) is asked to drop it once per operator run."""
+        namespace, name, uid = ctx.ids.namespace, ctx.ids.name, ctx.ids.uid
+        wanted = {(o["kind"], o["metadata"]["name"]) for o in plan.router_objects}
+        deleted = 0
+        for kind in ROUTER_KINDS:
+            for obj in self._live(kind, namespace, name):
+                meta = obj["metadata"]
+                if is_router(meta.get("labels") or {}) and (kind, meta["name"]) not in wanted:
+                    deleted += self._delete(kind, namespace, obj)
+        if ("HTTPRoute", router_name(name)) in wanted:
+            self._routes_dropped.discard(uid)
+        elif ctx.status.get("canary") and uid not in self._routes_dropped:
+            self._routes_dropped.add(uid)
+            if self.kube.delete("HTTPRoute", namespace, router_name(name)):
+                logger.info("Deleted HTTPRoute namespace=%s name=%s", namespace, router_name(name))
+                deleted += 1
+        return deleted
 
     def _delete_outside(self, namespace: str, name: str, keep: frozenset[str]) -> int:
         deleted = 0
         for kind in REVISIONED_KINDS:
             for obj in self._live(kind, namespace, name):
                 rev = (obj["metadata"].get("labels") or {}).get(REVISION_LABEL)
-                if rev is None or rev in keep or obj["metadata"].get("deletionTimestamp"):
-                    continue
-                if self.kube.delete(kind, namespace, obj["metadata"]["name"], obj["metadata"].get("uid")):
-                    deleted += 1
-                    logger.info(
-                        "Deleted %s namespace=%s name=%s revision=%s", kind, namespace, obj["metadata"]["name"], rev
-                    )
-                self._applied.pop((kind, namespace, obj["metadata"]["name"]), None)
+                if rev is not None and rev not in keep:
+                    deleted += self._delete(kind, namespace, obj)
         return deleted
+
+    def _delete(self, kind: str, namespace: str, obj: Mapping[str, Any]) -> int:
+        meta = obj["metadata"]
+        if meta.get("deletionTimestamp"):
+            return 0
+        deleted = self.kube.delete(kind, namespace, meta["name"], meta.get("uid"))
+        if deleted:
+            revision = (meta.get("labels") or {}).get(REVISION_LABEL, "-")
+            logger.info("Deleted %s namespace=%s name=%s revision=%s", kind, namespace, meta["name"], revision)
+        self._applied.pop((kind, namespace, meta["name"]), None)
+        return int(deleted)
 
     def _write_status(
         self, namespace: str, name: str, uid: str, *, old: Mapping[str, Any], new: dict[str, Any], post: EventFn,
@@ -383,16 +412,12 @@ class Reconciler:
         return 1
 
 
-def decide_traffic(
-    spec: RecommenderModelSpec, stable: str | None, latest: str, observations: Mapping[str, RevisionObservation]
-) -> TrafficDecision:
-    """The one place a rollout strategy decides which revisions run and which is stable.
+def _generation(body: Mapping[str, Any]) -> int:
+    return int((body.get("metadata") or {}).get("generation") or 0)
 
-    `immediate` is decided here; canary and abTest plug in the rollout engine (recserve_operator.rollout)
-    at this seam. Until that engine drives traffic, they fall back to the safe immediate behaviour: the
-    old revision serves until the new one is Available.
-    """
-    return decide_immediate(stable, latest, observations)
+
+def _timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _rv(obj: Mapping[str, Any]) -> int:

@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from recserve_operator.errors import InvalidSpec
+from recserve_operator.rollout.policy import RolloutPolicy
+
 __all__ = [
     "API_VERSION",
     "GROUP",
@@ -25,7 +28,6 @@ __all__ = [
     "Optimize",
     "RecommenderModelSpec",
     "Resources",
-    "RolloutSpec",
     "Serving",
     "parse_spec",
     "pvc_claim",
@@ -41,8 +43,6 @@ PLURAL = "recommendermodels"
 FORMATS = ("keras", "savedmodel", "onnx")
 BACKENDS = ("onnxruntime", "tensorrt", "auto")
 PRECISIONS = ("fp32", "fp16", "int8")
-STRATEGIES = ("immediate", "canary", "abTest")
-ACTIONS = ("", "pause", "resume", "promote", "abort")
 _URI_RE = re.compile(r"^(pvc|https?|s3|gs|file)://.+")
 # A PersistentVolumeClaim or Secret name: a DNS-1123 subdomain.
 _DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -54,10 +54,6 @@ _MEM_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 # Kubernetes label values: the GPU product goes into a nodeSelector.
 _LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _IMAGE_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@+-]*$")
-
-
-class InvalidSpec(ValueError):
-    """A spec the operator cannot serve; the message names the field and the fix."""
 
 
 @dataclass(frozen=True)
@@ -137,21 +133,11 @@ class Serving:
 
 
 @dataclass(frozen=True)
-class RolloutSpec:
-    """The parts of spec.rollout the core needs; the rollout engine parses the full policy itself."""
-
-    strategy: str = "immediate"
-    provider: str = "builtin"
-    action: str = ""
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-
-@dataclass(frozen=True)
 class RecommenderModelSpec:
     model: ModelRef
     optimize: Optimize
     serving: Serving
-    rollout: RolloutSpec
+    rollout: RolloutPolicy  # not part of the revision: a new rollout policy changes how, not what, is served
 
     @property
     def resolved_backend(self) -> str:
@@ -377,19 +363,10 @@ def _parse_serving(m: Mapping[str, Any]) -> Serving:
     )
 
 
-def _parse_rollout(m: Mapping[str, Any]) -> RolloutSpec:
-    routing = _obj(m.get("routing"), "spec.rollout.routing")
-    control = _obj(m.get("control"), "spec.rollout.control")
-    return RolloutSpec(
-        strategy=_enum(m, "strategy", "spec.rollout", "immediate", STRATEGIES),
-        provider=_enum(routing, "provider", "spec.rollout.routing", "builtin", ("builtin", "gatewayAPI")),
-        action=_enum(control, "action", "spec.rollout.control", "", ACTIONS),
-        raw=dict(m),
-    )
-
-
-def parse_spec(spec: Mapping[str, Any]) -> RecommenderModelSpec:
-    """Parse and cross-check a spec dict (as stored, with CRD defaults) into a RecommenderModelSpec."""
+def parse_spec(spec: Mapping[str, Any], *, default_prometheus: str = "") -> RecommenderModelSpec:
+    """Parse and cross-check a spec dict (as stored, with CRD defaults) into a RecommenderModelSpec; any fault
+    raises InvalidSpec naming the field. `default_prometheus` (the operator's setting) serves a rollout analysis
+    that names no Prometheus of its own."""
     root = _obj(spec, "spec")
     if "model" not in root:
         raise InvalidSpec("spec.model is required")
@@ -399,7 +376,7 @@ def parse_spec(spec: Mapping[str, Any]) -> RecommenderModelSpec:
         model=_parse_model(_obj(root["model"], "spec.model")),
         optimize=_parse_optimize(_obj(root.get("optimize"), "spec.optimize")),
         serving=_parse_serving(_obj(root["serving"], "spec.serving")),
-        rollout=_parse_rollout(_obj(root.get("rollout"), "spec.rollout")),
+        rollout=RolloutPolicy.from_spec(_obj(root.get("rollout"), "spec.rollout"), default_prometheus),
     )
     o, s = parsed.optimize, parsed.serving
     # Repeated here from the CRD's CEL rules: a spec can predate the rules, and unit tests bypass the apiserver.
@@ -421,9 +398,7 @@ def _in_revision(obj: object, f: dataclasses.Field[Any]) -> bool:
 
 def _canonical(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value) if _in_revision(value, f)
-        }
+        return {f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value) if _in_revision(value, f)}
     if isinstance(value, tuple | list):
         return [_canonical(v) for v in value]
     return value

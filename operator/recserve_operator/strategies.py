@@ -1,4 +1,4 @@
-"""Progressive strategies (canary, abTest) at the traffic seam: rollout state machine + metrics + router objects."""
+"""The progressive strategies (canary, abTest) behind strategy.Strategy: rollout state machine + metrics + router."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from recserve_operator import conditions as c
+from recserve_operator.builders.common import owner_reference
 from recserve_operator.lifecycle import RouterObservation, TrafficDecision
 from recserve_operator.metrics.base import (
     MetricsError,
@@ -16,32 +17,23 @@ from recserve_operator.metrics.base import (
     collect_measurements,
     redact_url,
 )
+from recserve_operator.names import ROLLOUT_ACTION_ANNOTATION, router_name
 from recserve_operator.observe import RevisionObservation
 from recserve_operator.rollout.analysis import AnalysisResult, Verdict, evaluate
 from recserve_operator.rollout.capacity import plan_capacity, share_replicas
-from recserve_operator.rollout.controls import ROLLOUT_ACTION_ANNOTATION
 from recserve_operator.rollout.machine import Action, Decision, Observation, TrafficWeights, next_step
-from recserve_operator.rollout.policy import ManualAction, PolicyError, RolloutPolicy, RoutingProvider
+from recserve_operator.rollout.policy import ManualAction, RolloutPolicy, RoutingProvider
 from recserve_operator.rollout.state import Phase, RolloutState, parse_time
 from recserve_operator.rollout.statistics import AbVerdict, ab_verdict
-from recserve_operator.routers.base import get_router, router_name
+from recserve_operator.routers.base import get_router
+from recserve_operator.routers.builtin import GRPC_SERVICE_PORT as ROUTER_GRPC_PORT
+from recserve_operator.routers.builtin import SERVICE_PORT as ROUTER_HTTP_PORT
 from recserve_operator.routers.plan import CANARY, STABLE, TrafficPlan, build_traffic_plan
-from recserve_operator.spec import InvalidSpec, RecommenderModelSpec
+from recserve_operator.spec import RecommenderModelSpec
 from recserve_operator.status import Problem, RolloutReport
+from recserve_operator.strategy import Context, Plan
 
 ProviderFactory = Callable[[str], MetricsProvider]
-
-
-@dataclass(frozen=True)
-class ProgressiveDecision:
-    traffic: TrafficDecision
-    rollout_status: dict[str, Any]  # status.canary (+ status.abTest)
-    router_objects: list[dict[str, Any]]
-    events: tuple[tuple[str, str, str], ...] = ()
-    outcome: str | None = None  # "promoted" | "rolled_back" when this decision ended a rollout
-    handled_action: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    report: RolloutReport = field(default_factory=RolloutReport)  # what the rollout adds to status.conditions
 
 
 @dataclass(frozen=True)
@@ -54,85 +46,85 @@ class Measured:
     error: str | None = None
 
 
-def policy_of(spec: RecommenderModelSpec, default_prometheus: str) -> RolloutPolicy:
-    raw = dict(spec.rollout.raw)
-    analysis = dict(raw.get("analysis") or {})
-    # The operator's configured Prometheus serves models that do not name their own.
-    if raw.get("analysis") is not None and not analysis.get("prometheus"):
-        analysis["prometheus"] = default_prometheus
-        raw["analysis"] = analysis
-    try:
-        return RolloutPolicy.from_spec(raw)
-    except PolicyError as exc:
-        raise InvalidSpec(f"spec.rollout: {exc}") from exc
-
-
 def _analysis_due(state: RolloutState, policy: RolloutPolicy, now: datetime) -> bool:
     last = parse_time((state.last_analysis or {}).get("time")) if state.last_analysis else None
     return last is None or (now - last).total_seconds() >= policy.analysis.interval_s
 
 
-def decide_progressive(
-    spec: RecommenderModelSpec,
-    *,
-    name: str,
-    namespace: str,
-    owner_ref: Mapping[str, Any],
-    status: Mapping[str, Any],
-    annotations: Mapping[str, str],
-    latest: str,
-    observations: Mapping[str, RevisionObservation],
-    now: datetime,
-    default_prometheus: str,
-    router_image: str | None,
-    router_placement: Mapping[str, Any] | None = None,
-    metrics: ProviderFactory,
-    router_live: RouterObservation | None = None,
-) -> ProgressiveDecision:
-    """Ask the rollout state machine what to run and how to split traffic, measuring the candidate when due.
+@dataclass(frozen=True)
+class Progressive:
+    """canary and abTest: the rollout state machine (rollout.machine.next_step) made capacity-aware, its split
+    rendered by the spec's router.
 
-    observe (status, annotation, candidate, router) -> measure (Prometheus, when due) -> decide (pure) -> split
-    (capacity: the router weight and each revision's replicas) -> plan (router). `router_live`: the builtin
-    router as it runs before this reconcile applies anything (the evidence of the weight it serves).
+    measure: resume the state, and query Prometheus when a look is due. decide (pure): machine -> split (capacity:
+    the router weight and each revision's replicas) -> plan (router objects). The router as it runs before this
+    reconcile (`Context.router`) is the evidence of the weight it serves.
     """
-    policy = policy_of(spec, default_prometheus)
-    state = _resume_state(status)
-    available = _candidate_carries(state, observations.get(latest), latest)
-    due = _looking(policy, state, latest, available, now)
-    measured = _measure(policy, state, metrics, latest, now) if due else Measured()
-    obs = Observation(
-        desired_revision=latest, candidate_available=available, analysis=measured.analysis, ab=measured.ab,
-        action=_manual_action(annotations),
-    )  # fmt: skip
-    decision: Decision = next_step(policy, state, obs, now)
-    new = _with_capacity_state(spec, state, decision, observations)
-    scaling = _scaling(spec, policy, new)
-    router = get_router(policy.routing.provider.value, policy.routing, image=router_image, placement=router_placement)
-    split = split_traffic(scaling, new, decision.weights, observations)
-    plan = _plan(name, split, policy)
-    router_objects = router.render(plan, router_name(name), namespace, owner_ref)
-    if _router_serves(policy, router_objects, router_live):
-        # The router already runs this plan: what the stable and candidate need follows its weight now. The weight
-        # itself is a fixed point of the ratchet (plan_capacity given its own weight as served returns it), so
-        # the plan rendered above stays the one to apply.
-        split = split_traffic(scaling, split.state.evolve(served_weight=plan.canary_weight), decision.weights,
-                              observations)  # fmt: skip
-    new = split.state
-    traffic = _traffic(decision, split, latest)
-    events = (decision.event.type, decision.event.reason, decision.event.message) if decision.event else None
-    return ProgressiveDecision(
-        traffic=traffic,
-        rollout_status=new.to_status(),
-        router_objects=router_objects,
-        events=(events,) if events else (),
-        outcome={Action.PROMOTE: "promoted", Action.ROLL_BACK: "rolled_back"}.get(decision.action),
-        handled_action=decision.handled_action.value if decision.handled_action else None,
-        report=RolloutReport(
-            held=_held(new, latest, traffic.keep),
-            stalled=_stalled(new),
-            metrics=_metrics_condition(policy, measured, status),
-        ),
-    )
+
+    metrics: ProviderFactory
+    router_image: str | None = None
+    router_placement: Mapping[str, Any] = field(default_factory=dict)
+
+    def measure(self, ctx: Context) -> Measured:
+        policy, latest = ctx.spec.rollout, ctx.ids.revision
+        state = _resume_state(ctx.status)
+        available = _candidate_carries(state, ctx.observations.get(latest), latest)
+        if not _looking(policy, state, latest, available, ctx.now):
+            return Measured()
+        return _measure(policy, state, self.metrics, latest, ctx.now)
+
+    def decide(self, ctx: Context, measured: Measured) -> Plan:
+        policy, latest, observations = ctx.spec.rollout, ctx.ids.revision, ctx.observations
+        state = _resume_state(ctx.status)
+        obs = Observation(
+            desired_revision=latest, candidate_available=_candidate_carries(state, observations.get(latest), latest),
+            analysis=measured.analysis, ab=measured.ab, action=_manual_action(ctx.annotations),
+        )  # fmt: skip
+        decision: Decision = next_step(policy, state, obs, ctx.now)
+        split, router_objects = self._split(ctx, _with_capacity_state(ctx.spec, state, decision, observations),
+                                            decision)  # fmt: skip
+        new = split.state
+        traffic = _traffic(decision, split, latest)
+        event = decision.event
+        return Plan(
+            traffic=traffic,
+            router_objects=tuple(router_objects),
+            status={**new.to_status(), **_endpoints(ctx)},
+            foreign=("kopf",),
+            events=((event.type, event.reason, event.message),) if event else (),
+            outcome={Action.PROMOTE: "promoted", Action.ROLL_BACK: "rolled_back"}.get(decision.action),
+            handled_action=decision.handled_action.value if decision.handled_action else None,
+            report=RolloutReport(
+                held=_held(new, latest, traffic.keep),
+                stalled=_stalled(new),
+                metrics=_metrics_condition(policy, measured, ctx.status),
+            ),
+        )
+
+    def _split(self, ctx: Context, new: RolloutState, decision: Decision) -> tuple[Split, list[dict[str, Any]]]:
+        """The capacity-aware split and the router objects that carry it."""
+        policy, observations = ctx.spec.rollout, ctx.observations
+        scaling = _scaling(ctx.spec, policy, new)
+        router = get_router(policy.routing.provider.value, policy.routing, image=self.router_image,
+                            placement=self.router_placement)  # fmt: skip
+        split = split_traffic(scaling, new, decision.weights, observations)
+        plan = _plan(ctx.ids.name, split, policy)
+        router_objects = router.render(plan, ctx.ids.name, ctx.ids.namespace, owner_reference(ctx.ids))
+        if _router_serves(policy, router_objects, ctx.router):
+            # The router already runs this plan: what the stable and candidate need follows its weight now. The
+            # weight itself is a fixed point of the ratchet (plan_capacity given its own weight as served returns
+            # it), so the plan rendered above stays the one to apply.
+            split = split_traffic(scaling, split.state.evolve(served_weight=plan.canary_weight), decision.weights,
+                                  observations)  # fmt: skip
+        return split, router_objects
+
+
+def _endpoints(ctx: Context) -> dict[str, Any]:
+    """With the builtin router, clients talk to the router's Service (the stable front Service bypasses the split)."""
+    if ctx.spec.rollout.routing.provider is not RoutingProvider.BUILTIN:
+        return {}
+    host = f"{router_name(ctx.ids.name)}.{ctx.ids.namespace}.svc.{ctx.cluster_domain}"
+    return {"endpoints": {"http": f"http://{host}:{ROUTER_HTTP_PORT}", "grpc": f"{host}:{ROUTER_GRPC_PORT}"}}
 
 
 # -- capacity: the split's weight and each revision's scale ------------------------------------------------------

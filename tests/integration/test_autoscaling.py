@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from recserve_operator.builders.common import REVISION_LABEL
 from recserve_operator.builders.hpa import QUEUE_TIME_METRIC
+from recserve_operator.names import REVISION_LABEL
 
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from recserve_operator.builders.common import REVISION_LABEL
+from recserve_operator.names import REVISION_LABEL
 
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster

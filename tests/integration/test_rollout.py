@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -210,3 +211,41 @@ def test_manual_pause_resume_and_promote_through_the_rollout_action_annotation(
              message="the old stable revision was not removed")  # fmt: skip
     reasons = cluster.kubectl("get", "events", "-n", namespace, "-o", "jsonpath={.items[*].reason}").stdout.split()
     assert {"Paused", "Resumed", "Promoted"} <= set(reasons), reasons
+
+
+def _router_cm(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    return get_json(cluster, "configmap", f"{name}-router", "-n", ns) if _plan(cluster, ns, name) else None
+
+
+def _stable_endpoint(cluster: Cluster, ns: str, name: str) -> bool:
+    status = (model(cluster, ns, name) or {}).get("status") or {}
+    return str((status.get("endpoints") or {}).get("http", "")).startswith(f"http://{name}.{ns}.svc")
+
+
+def test_a_router_edit_is_corrected_by_its_event_and_a_switch_to_immediate_removes_the_router(
+    crd: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """The router's objects belong to their model (label recserve.dev/model): an edit to one reconciles the model
+    at once (the resync is too slow to be what corrects it here), and once the spec goes back to `immediate` the
+    router's ConfigMap, Deployment and Service are deleted and the endpoints name the stable Service again."""
+    op = OperatorProcess(crd, namespace, tmp_path / "operator.log", resync_seconds=600)
+    op.start()
+    try:
+        apply_yaml(crd, namespace, _canary("sw", 1, [{"weight": 20, "pause": "10m"}]))
+        wait_ready(crd, namespace, "sw")
+        served = wait_for(lambda: _router_cm(crd, namespace, "sw"), 60, message="no router ConfigMap")
+        assert served["metadata"]["labels"]["recserve.dev/model"] == "sw"
+        edit = json.dumps({"data": {"nginx.conf": "# edited by hand"}})
+        crd.kubectl("patch", "configmap", "sw-router", "-n", namespace, "--type=merge", "-p", edit)
+        wait_for(lambda: (_router_cm(crd, namespace, "sw") or {}).get("data") == served["data"], 30,
+                 message="the edited router ConfigMap was not restored")  # fmt: skip
+
+        apply_yaml(crd, namespace, kwok_model("sw", 1, rollout={"strategy": "immediate"}))
+        kinds = ("configmap", "deployment", "service")
+        wait_for(lambda: not any(get_json(crd, kind, "sw-router", "-n", namespace) for kind in kinds), 60,
+                 message="the router outlived the switch to immediate")  # fmt: skip
+        wait_for(lambda: _stable_endpoint(crd, namespace, "sw"), 30, message="endpoints still name the router")
+        assert wait_ready(crd, namespace, "sw")["status"]["phase"] == "Ready"
+    finally:
+        op.stop()
+    assert "Traceback" not in op.log(), op.log()[-5000:]

@@ -27,7 +27,7 @@ import numpy.typing as npt
 import pytest
 import yaml
 from recserve_operator import conditions as c
-from recserve_operator.builders.common import BUILDER_CONTAINER, INSTANCE_LABEL, REVISION_LABEL
+from recserve_operator.names import BUILDER_CONTAINER, INSTANCE_LABEL, REVISION_LABEL
 
 from recserve_cluster import images
 from recserve_cluster.cluster import Cluster

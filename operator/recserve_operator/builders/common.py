@@ -1,26 +1,12 @@
-"""Identity, names, labels and owner references shared by all builders."""
+"""Identity and owner references shared by all builders (names and labels come from recserve_operator.names)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from recserve_operator import names
 from recserve_operator.spec import API_VERSION, KIND
-
-NAME_LABEL = "app.kubernetes.io/name"
-INSTANCE_LABEL = "app.kubernetes.io/instance"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-REVISION_LABEL = "recserve.dev/revision"
-# The label the ServiceMonitor gives every scraped series for the pod's REVISION_LABEL; rollout queries,
-# the Grafana dashboard and the adapter rule select by it.
-SERIES_REVISION_LABEL = "revision"
-APP_NAME = "recserve-triton"
-MANAGER = "recserve"
-CONFIG_CHECKSUM_ANNOTATION = "recserve.dev/config-checksum"
-MODEL_VERSION_ANNOTATION = "recserve.dev/model-version"
-# The init container that builds a revision's model repository (its log is `kubectl recserve build-log`).
-BUILDER_CONTAINER = "model-repo-builder"
 
 HTTP_PORT = 8000
 GRPC_PORT = 8001
@@ -39,21 +25,24 @@ class Ids:
     @property
     def revision_name(self) -> str:
         """Name of the per-revision Deployment, Service, ConfigMap, PDB and HPA."""
-        return f"{self.name}-{self.revision}"
+        return names.revision_name(self.name, self.revision)
+
+    def at(self, revision: str) -> Ids:
+        """The same model's identity for another of its revisions."""
+        return Ids(name=self.name, namespace=self.namespace, uid=self.uid, revision=revision)
 
 
 def instance_labels(ids: Ids) -> dict[str, str]:
-    """The small stable label set selecting every pod of one RecommenderModel (never user labels)."""
-    return {NAME_LABEL: APP_NAME, INSTANCE_LABEL: ids.name, COMPONENT_LABEL: "predictor"}
+    return names.instance_labels(ids.name)
 
 
 def revision_selector(ids: Ids) -> dict[str, str]:
-    return {**instance_labels(ids), REVISION_LABEL: ids.revision}
+    return names.revision_selector(ids.name, ids.revision)
 
 
 def labels(ids: Ids, *, revision: bool = True) -> dict[str, str]:
     base = revision_selector(ids) if revision else instance_labels(ids)
-    return {**base, MANAGED_BY_LABEL: MANAGER}
+    return {**base, names.MANAGED_BY_LABEL: names.MANAGER}
 
 
 def owner_reference(ids: Ids) -> dict[str, Any]:

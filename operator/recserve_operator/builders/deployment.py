@@ -7,18 +7,16 @@ import hashlib
 from typing import Any
 
 from recserve_operator.builders.common import (
-    BUILDER_CONTAINER,
-    CONFIG_CHECKSUM_ANNOTATION,
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
-    MODEL_VERSION_ANNOTATION,
     Ids,
     labels,
     metadata,
     revision_selector,
 )
 from recserve_operator.builders.configmap import CONFIG_KEY, build_configmap, config_checksum
+from recserve_operator.names import BUILDER_CONTAINER, CONFIG_CHECKSUM_ANNOTATION, MODEL_VERSION_ANNOTATION
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import RecommenderModelSpec, pvc_claim
 

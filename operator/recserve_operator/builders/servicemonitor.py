@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from recserve_operator.builders.common import REVISION_LABEL, SERIES_REVISION_LABEL, Ids, instance_labels, metadata
+from recserve_operator.builders.common import Ids, instance_labels, metadata
+from recserve_operator.names import REVISION_LABEL, SERIES_REVISION_LABEL
 from recserve_operator.spec import RecommenderModelSpec
 
 __all__ = ["build_servicemonitor", "pod_label_meta"]

@@ -20,8 +20,8 @@ from typing import Any
 
 import requests
 
-from recserve_operator.builders.common import SERIES_REVISION_LABEL
 from recserve_operator.metrics.base import MetricsError, TritonSeries, redact_url
+from recserve_operator.names import SERIES_REVISION_LABEL
 
 __all__ = ["REVISION_LABEL", "VARIANT_LABEL", "PrometheusProvider", "triton_queries"]
 

@@ -1,6 +1,6 @@
 """Which manual rollout actions make sense in which rollout state: one rule for the operator and the CLI.
 
-The operator consumes an action from the `recserve.dev/rollout-action` annotation (or `spec.rollout.control`);
+The operator consumes an action from the names.ROLLOUT_ACTION_ANNOTATION annotation (or `spec.rollout.control`);
 `kubectl recserve promote|abort|pause|resume` refuses one that the state machine would ignore, and says why,
 instead of writing an annotation that silently does nothing.
 """
@@ -10,9 +10,7 @@ from __future__ import annotations
 from recserve_operator.rollout.policy import ManualAction
 from recserve_operator.rollout.state import Phase, RolloutState
 
-__all__ = ["ROLLOUT_ACTION_ANNOTATION", "refusal"]
-
-ROLLOUT_ACTION_ANNOTATION = "recserve.dev/rollout-action"
+__all__ = ["refusal"]
 
 
 def refusal(state: RolloutState, action: ManualAction) -> str | None:

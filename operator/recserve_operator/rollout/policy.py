@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from recserve_operator.errors import InvalidSpec
+
 _E = TypeVar("_E", bound=StrEnum)
 
 __all__ = [
@@ -19,7 +21,6 @@ __all__ = [
     "ManualAction",
     "MetricCheck",
     "ParentRef",
-    "PolicyError",
     "RolloutPolicy",
     "RoutingPolicy",
     "RoutingProvider",
@@ -39,10 +40,6 @@ ELAPSED = "{{elapsed}}"
 # rollout nobody can judge does not hold part of the traffic overnight.
 DEFAULT_PROGRESS_DEADLINE_S = 1800.0  # the CRD's default, 30m
 DEFAULT_SURGE = 1  # the CRD's default: one pod beside the stable's, enough for a canary to start
-
-
-class PolicyError(ValueError):
-    """Raised when `spec.rollout` is invalid; the message names the offending field."""
 
 
 class Strategy(StrEnum):
@@ -74,13 +71,13 @@ class ManualAction(StrEnum):
 def parse_duration(value: object, field: str = "duration") -> float:
     """Parse "30s", "5m", "1h30m", "250ms" or a bare number of seconds into seconds."""
     if isinstance(value, bool):
-        raise PolicyError(f"{field}: expected a duration, got {value!r}")
+        raise InvalidSpec(f"{field}: expected a duration, got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip()
         if not text:
-            raise PolicyError(f"{field}: empty duration")
+            raise InvalidSpec(f"{field}: empty duration")
         pos = 0
         seconds = 0.0
         for match in _DURATION_PART_RE.finditer(text):
@@ -89,11 +86,11 @@ def parse_duration(value: object, field: str = "duration") -> float:
             seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
             pos = match.end()
         if pos != len(text):
-            raise PolicyError(f"{field}: invalid duration {value!r} (use e.g. 30s, 5m, 1h30m)")
+            raise InvalidSpec(f"{field}: invalid duration {value!r} (use e.g. 30s, 5m, 1h30m)")
     else:
-        raise PolicyError(f"{field}: expected a duration string, got {type(value).__name__}")
+        raise InvalidSpec(f"{field}: expected a duration string, got {type(value).__name__}")
     if not math.isfinite(seconds) or seconds < 0:
-        raise PolicyError(f"{field}: duration must be finite and >= 0, got {value!r}")
+        raise InvalidSpec(f"{field}: duration must be finite and >= 0, got {value!r}")
     return seconds
 
 
@@ -175,28 +172,33 @@ class RolloutPolicy:
 
     @classmethod
     def from_spec(cls, d: Mapping[str, Any] | None, default_prometheus: str = "") -> RolloutPolicy:
-        """Parse the schema-defaulted `spec.rollout` dict; raise PolicyError on invalid input.
+        """Parse the schema-defaulted `spec.rollout` dict; raise InvalidSpec on invalid input.
 
-        `default_prometheus` (the operator's setting) is used when `analysis` is given without a URL; without
-        an `analysis` section a canary advances on its pauses alone.
+        `default_prometheus` (the operator's setting) is used when an `analysis` section (even an empty one) names
+        no URL; without an `analysis` section a canary advances on its pauses alone.
         """
-        d = _mapping(d or {}, "rollout")
-        strategy = _enum(Strategy, d.get("strategy", Strategy.IMMEDIATE.value), "rollout.strategy")
+        d = _mapping(d or {}, "spec.rollout")
+        strategy = _enum(Strategy, d.get("strategy", Strategy.IMMEDIATE.value), "spec.rollout.strategy")
         steps = _parse_steps(d.get("steps") or [])
-        routing = _parse_routing(_mapping(d.get("routing") or {}, "rollout.routing"))
-        analysis = _parse_analysis(_mapping(d.get("analysis") or {}, "rollout.analysis"), default_prometheus)
-        control = _mapping(d.get("control") or {}, "rollout.control")
-        action = _enum(ManualAction, control.get("action") or "", "rollout.control.action")
+        routing = _parse_routing(_mapping(d.get("routing") or {}, "spec.rollout.routing"))
+        configured = d.get("analysis") is not None
+        analysis = _parse_analysis(
+            _mapping(d.get("analysis") or {}, "spec.rollout.analysis"), default_prometheus if configured else ""
+        )
+        control = _mapping(d.get("control") or {}, "spec.rollout.control")
+        action = _enum(ManualAction, control.get("action") or "", "spec.rollout.control.action")
         if strategy is Strategy.CANARY and not steps:
-            raise PolicyError("rollout.steps: a canary needs at least one step")
+            raise InvalidSpec("spec.rollout.steps: a canary needs at least one step")
         if strategy is Strategy.AB_TEST:
             ab = analysis.ab_test
             if ab is None or not ab.clicks or not ab.impressions:
-                raise PolicyError("rollout.analysis.abTest: clicks and impressions queries are required for abTest")
+                raise InvalidSpec(
+                    "spec.rollout.analysis.abTest: clicks and impressions queries are required for abTest"
+                )
             if not analysis.enabled:
-                raise PolicyError("rollout.analysis.prometheus: required for abTest")
+                raise InvalidSpec("spec.rollout.analysis.prometheus: required for abTest")
         deadline, on_deadline = _parse_deadline(d, analysis, strategy)
-        surge = _integer(d.get("surge", DEFAULT_SURGE), "rollout.surge", 1)
+        surge = _integer(d.get("surge", DEFAULT_SURGE), "spec.rollout.surge", 1)
         return cls(
             strategy=strategy, steps=steps, routing=routing, analysis=analysis, action=action,
             progress_deadline_s=deadline, on_progress_deadline=on_deadline, surge=surge,
@@ -205,7 +207,7 @@ class RolloutPolicy:
 
 def _mapping(value: object, field: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise PolicyError(f"{field}: expected an object, got {type(value).__name__}")
+        raise InvalidSpec(f"{field}: expected an object, got {type(value).__name__}")
     return value
 
 
@@ -214,25 +216,25 @@ def _enum(enum: type[_E], value: object, field: str) -> _E:
         return enum(str(value)) if isinstance(value, str) else enum(value)  # type: ignore[arg-type]
     except ValueError:
         allowed = " | ".join(repr(m.value) for m in enum)
-        raise PolicyError(f"{field}: {value!r} is not one of {allowed}") from None
+        raise InvalidSpec(f"{field}: {value!r} is not one of {allowed}") from None
 
 
 def _number(value: object, field: str, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise PolicyError(f"{field}: expected a number, got {value!r}")
+        raise InvalidSpec(f"{field}: expected a number, got {value!r}")
     try:
         number = float(value)
     except ValueError:
-        raise PolicyError(f"{field}: expected a number, got {value!r}") from None
+        raise InvalidSpec(f"{field}: expected a number, got {value!r}") from None
     if not math.isfinite(number) or (lo is not None and number < lo) or (hi is not None and number > hi):
-        raise PolicyError(f"{field}: {value!r} is outside [{lo}, {hi}]")
+        raise InvalidSpec(f"{field}: {value!r} is outside [{lo}, {hi}]")
     return number
 
 
 def _integer(value: object, field: str, lo: int | None = None, hi: int | None = None) -> int:
     number = _number(value, field, lo, hi)
     if not number.is_integer():
-        raise PolicyError(f"{field}: expected an integer, got {value!r}")
+        raise InvalidSpec(f"{field}: expected an integer, got {value!r}")
     return int(number)
 
 
@@ -244,77 +246,77 @@ def _optional_number(d: Mapping[str, Any], key: str, field: str, default: float 
 def _header(value: object, field: str) -> str:
     # Header names end up in nginx variable names and config, so only token characters are allowed.
     if not isinstance(value, str) or not _HEADER_RE.match(value):
-        raise PolicyError(f"{field}: {value!r} is not a valid header name (letters, digits, '-')")
+        raise InvalidSpec(f"{field}: {value!r} is not a valid header name (letters, digits, '-')")
     return value.lower()
 
 
 def _parse_steps(raw: object) -> tuple[CanaryStep, ...]:
     if not isinstance(raw, Sequence) or isinstance(raw, str):
-        raise PolicyError("rollout.steps: expected a list")
+        raise InvalidSpec("spec.rollout.steps: expected a list")
     steps: list[CanaryStep] = []
     for i, item in enumerate(raw):
-        step = _mapping(item, f"rollout.steps[{i}]")
-        weight = _integer(step.get("weight"), f"rollout.steps[{i}].weight", 1, 100)
+        step = _mapping(item, f"spec.rollout.steps[{i}]")
+        weight = _integer(step.get("weight"), f"spec.rollout.steps[{i}].weight", 1, 100)
         if steps and weight <= steps[-1].weight:
-            raise PolicyError(f"rollout.steps[{i}].weight: weights must be strictly increasing ({weight})")
-        pause = parse_duration(step.get("pause", "0s"), f"rollout.steps[{i}].pause")
+            raise InvalidSpec(f"spec.rollout.steps[{i}].weight: weights must be strictly increasing ({weight})")
+        pause = parse_duration(step.get("pause", "0s"), f"spec.rollout.steps[{i}].pause")
         steps.append(CanaryStep(weight=weight, pause_s=pause))
     return tuple(steps)
 
 
 def _parse_routing(d: Mapping[str, Any]) -> RoutingPolicy:
-    provider = _enum(RoutingProvider, d.get("provider", RoutingProvider.BUILTIN.value), "rollout.routing.provider")
+    provider = _enum(RoutingProvider, d.get("provider", RoutingProvider.BUILTIN.value), "spec.rollout.routing.provider")
     parent_ref: ParentRef | None = None
     if d.get("parentRef"):
-        ref = _mapping(d["parentRef"], "rollout.routing.parentRef")
+        ref = _mapping(d["parentRef"], "spec.rollout.routing.parentRef")
         name = ref.get("name")
         if not isinstance(name, str) or not name:
-            raise PolicyError("rollout.routing.parentRef.name: required")
+            raise InvalidSpec("spec.rollout.routing.parentRef.name: required")
         namespace, section = ref.get("namespace") or None, ref.get("sectionName") or None
         parent_ref = ParentRef(name, namespace=namespace, section_name=section)
     if provider is RoutingProvider.GATEWAY_API and parent_ref is None:
-        raise PolicyError("rollout.routing.parentRef: required for provider gatewayAPI")
-    sticky = _header(d.get("stickyHeader", DEFAULT_STICKY_HEADER), "rollout.routing.stickyHeader")
-    variant = _header(d.get("variantHeader", DEFAULT_VARIANT_HEADER), "rollout.routing.variantHeader")
+        raise InvalidSpec("spec.rollout.routing.parentRef: required for provider gatewayAPI")
+    sticky = _header(d.get("stickyHeader", DEFAULT_STICKY_HEADER), "spec.rollout.routing.stickyHeader")
+    variant = _header(d.get("variantHeader", DEFAULT_VARIANT_HEADER), "spec.rollout.routing.variantHeader")
     if sticky == variant:
-        raise PolicyError("rollout.routing: stickyHeader and variantHeader must differ")
+        raise InvalidSpec("spec.rollout.routing: stickyHeader and variantHeader must differ")
     return RoutingPolicy(provider=provider, parent_ref=parent_ref, sticky_header=sticky, variant_header=variant)
 
 
 def _parse_checks(raw: object) -> tuple[MetricCheck, ...]:
     if not isinstance(raw, Sequence) or isinstance(raw, str):
-        raise PolicyError("rollout.analysis.checks: expected a list")
+        raise InvalidSpec("spec.rollout.analysis.checks: expected a list")
     checks: list[MetricCheck] = []
     for i, item in enumerate(raw):
-        c = _mapping(item, f"rollout.analysis.checks[{i}]")
+        c = _mapping(item, f"spec.rollout.analysis.checks[{i}]")
         name, query = c.get("name"), c.get("query")
         if not isinstance(name, str) or not name:
-            raise PolicyError(f"rollout.analysis.checks[{i}].name: required")
+            raise InvalidSpec(f"spec.rollout.analysis.checks[{i}].name: required")
         if not isinstance(query, str) or not query:
-            raise PolicyError(f"rollout.analysis.checks[{i}].query: required")
-        hi = None if c.get("max") is None else _number(c["max"], f"rollout.analysis.checks[{i}].max")
-        lo = None if c.get("min") is None else _number(c["min"], f"rollout.analysis.checks[{i}].min")
+            raise InvalidSpec(f"spec.rollout.analysis.checks[{i}].query: required")
+        hi = None if c.get("max") is None else _number(c["max"], f"spec.rollout.analysis.checks[{i}].max")
+        lo = None if c.get("min") is None else _number(c["min"], f"spec.rollout.analysis.checks[{i}].min")
         if hi is None and lo is None:
-            raise PolicyError(f"rollout.analysis.checks[{i}]: set min and/or max")
+            raise InvalidSpec(f"spec.rollout.analysis.checks[{i}]: set min and/or max")
         if hi is not None and lo is not None and lo > hi:
-            raise PolicyError(f"rollout.analysis.checks[{i}]: min {lo} > max {hi}")
+            raise InvalidSpec(f"spec.rollout.analysis.checks[{i}]: min {lo} > max {hi}")
         checks.append(MetricCheck(name=name, query=query, max=hi, min=lo))
     if len({c.name for c in checks}) != len(checks):
-        raise PolicyError("rollout.analysis.checks: names must be unique")
+        raise InvalidSpec("spec.rollout.analysis.checks: names must be unique")
     return tuple(checks)
 
 
 def _parse_ab(d: Mapping[str, Any]) -> AbTestPolicy:
-    f = "rollout.analysis.abTest"
+    f = "spec.rollout.analysis.abTest"
     clicks, impressions = d.get("clicks", ""), d.get("impressions", "")
     if not isinstance(clicks, str) or not isinstance(impressions, str):
-        raise PolicyError(f"{f}: clicks and impressions must be PromQL strings")
+        raise InvalidSpec(f"{f}: clicks and impressions must be PromQL strings")
     for key, query in (("clicks", clicks), ("impressions", impressions)):
         _check_cumulative(query, f"{f}.{key}")
     mde = _number(d.get("minDetectableEffect", 0.1), f"{f}.minDetectableEffect", 0.0, 10.0)
     if mde <= 0:
         # A zero effect has no finite sample size and gives the mSPRT mixture no width.
-        raise PolicyError(f"{f}.minDetectableEffect: must be > 0 (a relative lift such as 0.05)")
+        raise InvalidSpec(f"{f}.minDetectableEffect: must be > 0 (a relative lift such as 0.05)")
     return AbTestPolicy(
         metric=str(d.get("metric", "ctr")),
         clicks=clicks,
@@ -339,20 +341,20 @@ def _check_cumulative(query: str, field: str) -> None:
     for match in _PROMQL_RANGE_RE.finditer(bare):
         window = match.group(1).split(":", 1)[0].strip()
         if window != ELAPSED:
-            raise PolicyError(
+            raise InvalidSpec(
                 f"{field}: range [{match.group(1)}] is a sliding window; count since the test started with"
                 f" [{ELAPSED}], e.g. sum by (variant) (increase(recserve_clicks_total[{ELAPSED}]))"
             )
 
 
 def _parse_analysis(d: Mapping[str, Any], default_prometheus: str) -> AnalysisPolicy:
-    f = "rollout.analysis"
-    prometheus = d.get("prometheus") or (default_prometheus if d else "")
+    f = "spec.rollout.analysis"
+    prometheus = d.get("prometheus") or default_prometheus
     if not isinstance(prometheus, str):
-        raise PolicyError(f"{f}.prometheus: expected a URL string")
+        raise InvalidSpec(f"{f}.prometheus: expected a URL string")
     interval = parse_duration(d.get("interval", "1m"), f"{f}.interval")
     if interval <= 0:
-        raise PolicyError(f"{f}.interval: must be > 0")
+        raise InvalidSpec(f"{f}.interval: must be > 0")
     ab_raw = d.get("abTest")
     return AnalysisPolicy(
         interval_s=interval,
@@ -367,17 +369,17 @@ def _parse_analysis(d: Mapping[str, Any], default_prometheus: str) -> AnalysisPo
     )
 
 
-def _parse_deadline(
-    d: Mapping[str, Any], analysis: AnalysisPolicy, strategy: Strategy
-) -> tuple[float, DeadlineAction]:
-    deadline = parse_duration(d.get("progressDeadline", DEFAULT_PROGRESS_DEADLINE_S), "rollout.progressDeadline")
+def _parse_deadline(d: Mapping[str, Any], analysis: AnalysisPolicy, strategy: Strategy) -> tuple[float, DeadlineAction]:
+    deadline = parse_duration(d.get("progressDeadline", DEFAULT_PROGRESS_DEADLINE_S), "spec.rollout.progressDeadline")
     if deadline <= 0:
-        raise PolicyError("rollout.progressDeadline: must be > 0 (use onProgressDeadline: hold to wait indefinitely)")
+        raise InvalidSpec(
+            "spec.rollout.progressDeadline: must be > 0 (use onProgressDeadline: hold to wait indefinitely)"
+        )
     if strategy is not Strategy.IMMEDIATE and analysis.enabled and deadline <= analysis.interval_s:
         # Otherwise the deadline could pass before the step's first look at the metrics.
-        raise PolicyError(
-            f"rollout.progressDeadline: {deadline:g}s must be longer than rollout.analysis.interval"
+        raise InvalidSpec(
+            f"spec.rollout.progressDeadline: {deadline:g}s must be longer than rollout.analysis.interval"
             f" ({analysis.interval_s:g}s)"
         )
     action = d.get("onProgressDeadline", DeadlineAction.ROLLBACK.value)
-    return deadline, _enum(DeadlineAction, action, "rollout.onProgressDeadline")
+    return deadline, _enum(DeadlineAction, action, "spec.rollout.onProgressDeadline")

@@ -11,16 +11,11 @@ from recserve_operator.routers import builtin
 from recserve_operator.routers.gateway_api import build_httproute
 from recserve_operator.routers.plan import TrafficPlan
 
-__all__ = ["BuiltinRouter", "GatewayApiRouter", "Router", "UnknownRouterError", "get_router", "router_name"]
+__all__ = ["BuiltinRouter", "GatewayApiRouter", "Router", "UnknownRouterError", "get_router"]
 
 
 class UnknownRouterError(ValueError):
     """Raised for a routing provider this operator does not implement."""
-
-
-def router_name(model: str) -> str:
-    """Name of the router objects (HTTPRoute, or nginx ConfigMap/Deployment/Service) for a model."""
-    return f"{model}-router"
 
 
 class Router(Protocol):
@@ -28,9 +23,10 @@ class Router(Protocol):
     def provider(self) -> RoutingProvider: ...
 
     def render(
-        self, plan: TrafficPlan, name: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
+        self, plan: TrafficPlan, model: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        """Objects to apply (server-side apply) so that traffic follows `plan`."""
+        """Objects to apply (server-side apply) so that `model`'s traffic follows `plan` (names.router_name,
+        labelled names.router_labels)."""
         ...
 
 
@@ -40,9 +36,9 @@ class GatewayApiRouter:
     provider: RoutingProvider = RoutingProvider.GATEWAY_API
 
     def render(
-        self, plan: TrafficPlan, name: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
+        self, plan: TrafficPlan, model: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        return [build_httproute(plan, name, namespace, self.parent_ref, owner_ref=owner_ref)]
+        return [build_httproute(plan, model, namespace, self.parent_ref, owner_ref=owner_ref)]
 
 
 @dataclass(frozen=True)
@@ -53,17 +49,17 @@ class BuiltinRouter:
     provider: RoutingProvider = RoutingProvider.BUILTIN
 
     def render(
-        self, plan: TrafficPlan, name: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
+        self, plan: TrafficPlan, model: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        cm = builtin.build_router_configmap(name, namespace, plan, owner_ref)
+        cm = builtin.build_router_configmap(model, namespace, plan, owner_ref)
         conf_hash = builtin.config_hash(cm["data"][builtin.CONF_KEY])
         return [
             cm,
             builtin.build_router_deployment(
-                name, namespace, name, conf_hash, image=self.image, replicas=self.replicas, owner_ref=owner_ref,
+                model, namespace, conf_hash, image=self.image, replicas=self.replicas, owner_ref=owner_ref,
                 placement=self.placement,
             ),
-            builtin.build_router_service(name, namespace, owner_ref),
+            builtin.build_router_service(model, namespace, owner_ref),
         ]
 
 

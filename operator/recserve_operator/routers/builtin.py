@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from recserve_operator.names import ROUTER_CONFIG_HASH_ANNOTATION, router_labels, router_name, router_selector
 from recserve_operator.routers.plan import CANARY, STABLE, TrafficPlan
 from recserve_operator.settings import DEFAULT_ROUTER_IMAGE
 
@@ -51,7 +52,6 @@ GRPC_BACKEND_PORT = 8001
 CONF_KEY = "nginx.conf"
 PLAN_KEY = "plan.json"  # the same plan as data, for local routers (recserve_cluster.dataplane)
 CONF_DIR = "/etc/recserve-router"
-CONFIG_HASH_ANNOTATION = "recserve.dev/router-config-hash"
 _SAFE_ARG = re.compile(r'^[^\s;{}"\'\\#]+$')
 _UPSTREAM_PREFIX = "recserve_"
 _GRPC_UPSTREAM_PREFIX = "recserve_grpc_"
@@ -333,39 +333,25 @@ def config_hash(conf: str) -> str:
 # ---------------------------------------------------------------- Kubernetes objects
 
 
-def _labels(name: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "recserve-router",
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/component": "router",
-        "app.kubernetes.io/managed-by": "recserve",
-    }
-
-
-def _selector(name: str) -> dict[str, str]:
-    return {k: v for k, v in _labels(name).items() if k != "app.kubernetes.io/managed-by"}
-
-
-def _meta(name: str, namespace: str, owner_ref: Mapping[str, Any] | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": _labels(name)}
+def _meta(model: str, namespace: str, owner_ref: Mapping[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": router_name(model), "namespace": namespace, "labels": router_labels(model)}
     if owner_ref is not None:
         meta["ownerReferences"] = [dict(owner_ref)]
     return meta
 
 
 def build_router_configmap(
-    name: str, namespace: str, plan: TrafficPlan, owner_ref: Mapping[str, Any] | None = None
+    model: str, namespace: str, plan: TrafficPlan, owner_ref: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     conf = render_nginx_conf(plan, NginxSettings(namespace=namespace))
     plan_json = json.dumps(plan.to_dict(), sort_keys=True, indent=2)
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, namespace, owner_ref),
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(model, namespace, owner_ref),
             "data": {CONF_KEY: conf, PLAN_KEY: plan_json}}  # fmt: skip
 
 
 def build_router_deployment(
-    name: str,
+    model: str,
     namespace: str,
-    config_map_name: str,
     conf_hash: str,
     *,
     image: str = DEFAULT_IMAGE,
@@ -378,7 +364,7 @@ def build_router_deployment(
     ConfigMap volumes update lazily (up to a minute) and nginx does not watch its config, so a new hash ->
     a rolling update with maxUnavailable 0 is the deterministic way to apply new weights.
     """
-    labels = _labels(name)
+    labels = router_labels(model)
     container = {
         "name": "nginx",
         "image": image,
@@ -411,13 +397,13 @@ def build_router_deployment(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(name, namespace, owner_ref),
+        "metadata": _meta(model, namespace, owner_ref),
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": _selector(name)},
+            "selector": {"matchLabels": router_selector(model)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": labels, "annotations": {CONFIG_HASH_ANNOTATION: conf_hash}},
+                "metadata": {"labels": labels, "annotations": {ROUTER_CONFIG_HASH_ANNOTATION: conf_hash}},
                 "spec": {
                     **dict(placement or {}),
                     "automountServiceAccountToken": False,
@@ -430,7 +416,7 @@ def build_router_deployment(
                     },
                     "containers": [container],
                     "volumes": [
-                        {"name": "config", "configMap": {"name": config_map_name}},
+                        {"name": "config", "configMap": {"name": router_name(model)}},
                         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
                         {"name": "cache", "emptyDir": {"sizeLimit": "64Mi"}},
                     ],
@@ -440,14 +426,14 @@ def build_router_deployment(
     }
 
 
-def build_router_service(name: str, namespace: str, owner_ref: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_router_service(model: str, namespace: str, owner_ref: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(name, namespace, owner_ref),
+        "metadata": _meta(model, namespace, owner_ref),
         "spec": {
             "type": "ClusterIP",
-            "selector": _selector(name),
+            "selector": router_selector(model),
             "ports": [
                 {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
                 {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from recserve_operator.names import STICKY_HEADER_ANNOTATION, router_labels, router_name
 from recserve_operator.rollout.policy import ParentRef
 from recserve_operator.routers.plan import TrafficPlan
 
@@ -24,7 +25,7 @@ def _parent_ref(ref: ParentRef) -> dict[str, Any]:
 
 def build_httproute(
     plan: TrafficPlan,
-    name: str,
+    model: str,
     namespace: str,
     parent_ref: ParentRef,
     *,
@@ -53,10 +54,10 @@ def build_httproute(
     ]
     rules.append({"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": weighted})
     metadata: dict[str, Any] = {
-        "name": name,
+        "name": router_name(model),
         "namespace": namespace,
-        "labels": {"app.kubernetes.io/instance": name, "app.kubernetes.io/managed-by": "recserve"},
-        "annotations": {"recserve.dev/sticky-header": plan.sticky_header},
+        "labels": router_labels(model),
+        "annotations": {STICKY_HEADER_ANNOTATION: plan.sticky_header},
     }
     if owner_ref is not None:
         metadata["ownerReferences"] = [dict(owner_ref)]

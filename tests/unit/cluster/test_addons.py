@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import yaml
-from recserve_operator.builders.common import SERIES_REVISION_LABEL, Ids
+from recserve_operator.builders.common import Ids
 from recserve_operator.builders.hpa import QUEUE_TIME_METRIC
 from recserve_operator.builders.servicemonitor import build_servicemonitor
+from recserve_operator.names import SERIES_REVISION_LABEL
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import parse_spec
 

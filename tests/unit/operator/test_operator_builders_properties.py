@@ -7,12 +7,13 @@ from typing import Any
 import kubernetes_validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from recserve_operator.builders.common import REVISION_LABEL, Ids
+from recserve_operator.builders.common import Ids
 from recserve_operator.builders.configmap import build_configmap
 from recserve_operator.builders.deployment import GPU_PRODUCT_LABEL, GPU_RESOURCE, build_deployment
 from recserve_operator.builders.hpa import build_hpa
 from recserve_operator.builders.pdb import build_pdb
 from recserve_operator.builders.service import build_revision_service, build_stable_service
+from recserve_operator.names import REVISION_LABEL
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import parse_spec, revision_of
 

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 from operator_samples import minimal_spec
-from recserve_operator.builders.common import BUILDER_CONTAINER, Ids
+from recserve_operator.builders.common import Ids
 from recserve_operator.builders.configmap import CONFIG_KEY, build_configmap
 from recserve_operator.builders.deployment import TRITON_CONTAINER, build_deployment
+from recserve_operator.names import BUILDER_CONTAINER
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import parse_spec, revision_of
 

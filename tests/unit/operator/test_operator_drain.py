@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from recserve_operator.lifecycle import router_serves
-from recserve_operator.routers.builtin import CONFIG_HASH_ANNOTATION
+from recserve_operator.names import ROUTER_CONFIG_HASH_ANNOTATION
 
 
 def _router(hash_: str, *, generation: int = 2, observed: int = 2, replicas: int = 2, updated: int = 2,
@@ -15,7 +15,7 @@ def _router(hash_: str, *, generation: int = 2, observed: int = 2, replicas: int
         "kind": "Deployment",
         "metadata": {"name": "ctr-router", "generation": generation},
         "spec": {"replicas": replicas,
-                 "template": {"metadata": {"annotations": {CONFIG_HASH_ANNOTATION: hash_}}}},
+                 "template": {"metadata": {"annotations": {ROUTER_CONFIG_HASH_ANNOTATION: hash_}}}},
         "status": {"observedGeneration": observed, "replicas": total, "updatedReplicas": updated,
                    "availableReplicas": available},
     }
@@ -59,7 +59,7 @@ def test_a_promotion_keeps_the_old_revision_until_the_router_pods_have_rolled() 
     from datetime import UTC, datetime, timedelta
 
     from operator_samples import minimal_spec, model_body
-    from recserve_operator.builders.common import REVISION_LABEL
+    from recserve_operator.names import REVISION_LABEL
     from recserve_operator.reconcile import Reconciler
     from recserve_operator.settings import OperatorDefaults
     from test_operator_reconcile import FakeKube, FakeLive, HealthyCanary

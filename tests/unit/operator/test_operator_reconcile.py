@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from operator_samples import minimal_spec, model_body
-from recserve_operator.builders.common import INSTANCE_LABEL, REVISION_LABEL
 from recserve_operator.metrics.base import TritonSeries
+from recserve_operator.names import REVISION_LABEL, model_of
 from recserve_operator.reconcile import Reconciler, is_subset, merge_patch
 from recserve_operator.settings import OperatorDefaults
 
@@ -105,6 +105,8 @@ def _apply_merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[st
 
 
 class FakeLive:
+    """The operator's watch caches: owned objects keyed by their model (handlers._owned_key)."""
+
     def __init__(self, kube: FakeKube) -> None:
         self.kube = kube
 
@@ -112,7 +114,7 @@ class FakeLive:
         return [
             copy.deepcopy(o)
             for (k, ns, _), o in self.kube.objects.items()
-            if k == kind and ns == namespace and o["metadata"]["labels"].get(INSTANCE_LABEL) == instance
+            if k == kind and ns == namespace and model_of(o["metadata"]["labels"]) == instance
         ]
 
 
@@ -338,3 +340,41 @@ def test_a_canary_failing_analysis_is_rolled_back_removed_and_reported_degraded(
     kube.roll_router()  # the candidate goes once the router pods no longer name it
     rec.reconcile(model_body(changed, generation=2), lambda *e: events.append(e), now=t0 + timedelta(minutes=9))
     assert not [k for k in kube.objects if k[2] == f"ctr-dnn-{new}"]
+
+
+@pytest.mark.parametrize("provider", ["builtin", "gatewayAPI"])
+def test_a_switch_back_to_immediate_deletes_the_router_and_serves_from_the_stable_service(
+    env: Any, provider: str
+) -> None:
+    """Router objects belong to their model (names.model_of): when the strategy no longer needs them they go, and
+    the endpoints go back to the stable front Service. An HTTPRoute (not in the watch caches) is asked to go once."""
+    rec, kube, events = env
+    routing: dict[str, Any] = {"provider": provider}
+    if provider == "gatewayAPI":
+        routing["parentRef"] = {"name": "shop-gw"}
+    canary = {"strategy": "canary", "steps": [{"weight": 25, "pause": "1m"}], "routing": routing}
+    rec.reconcile(model_body(minimal_spec(rollout=canary)), lambda *e: events.append(e))
+    kube.make_available(kube.status["stable"]["revision"])
+    router = {k for k in kube.objects if k[2] == "ctr-dnn-router"}
+    expected = {"builtin": {"ConfigMap", "Deployment", "Service"}, "gatewayAPI": {"HTTPRoute"}}[provider]
+    assert {k[0] for k in router} == expected
+
+    immediate = minimal_spec(rollout={"strategy": "immediate"})
+    rec.reconcile(model_body(immediate, generation=2), lambda *e: events.append(e))
+    assert not [k for k in kube.objects if k[2] == "ctr-dnn-router"]
+    assert "ctr-dnn.shop.svc" in kube.status["endpoints"]["http"]
+    deletes = kube.requests["delete"]
+    rec.reconcile(model_body(immediate, generation=2), lambda *e: events.append(e))
+    assert kube.requests["delete"] == deletes  # steady state: nothing left to delete, no request repeated
+
+
+def test_an_invalid_rollout_policy_is_an_invalid_spec_naming_the_field_and_changes_nothing(env: Any) -> None:
+    rec, kube, events = env
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    kube.make_available(kube.status["stable"]["revision"])
+    before = copy.deepcopy(kube.objects)
+    bad = minimal_spec(rollout={"strategy": "canary", "steps": [{"weight": 50}, {"weight": 20}]})
+    rec.reconcile(model_body(bad, generation=2), lambda *e: events.append(e))
+    assert kube.objects == before
+    degraded = next(x for x in kube.status["conditions"] if x["type"] == "Degraded")
+    assert degraded["reason"] == "InvalidSpec" and "spec.rollout.steps[1].weight" in degraded["message"]

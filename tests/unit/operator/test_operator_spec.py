@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from operator_samples import example_objects, minimal_spec
+from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import InvalidSpec, parse_spec, revision_of
 
 
@@ -19,7 +20,8 @@ def test_minimal_spec_gets_the_crd_defaults() -> None:
 
 @pytest.mark.parametrize("path", sorted(example_objects()))
 def test_every_example_parses(path: str) -> None:
-    parse_spec(example_objects()[path]["spec"])
+    """The whole spec, the rollout policy included, as the operator parses it (with its default Prometheus)."""
+    parse_spec(example_objects()[path]["spec"], default_prometheus=OperatorDefaults().prometheus_url)
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,10 @@ import pytest
 from operator_samples import ROOT, example_objects
 from prometheus_client import Counter, Histogram
 from recserve_operator import telemetry
-from recserve_operator.builders.common import REVISION_LABEL as POD_REVISION_LABEL
 from recserve_operator.builders.common import Ids, labels
 from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.metrics.prometheus import REVISION_LABEL, triton_queries
+from recserve_operator.names import REVISION_LABEL as POD_REVISION_LABEL
 from recserve_operator.spec import parse_spec, revision_of
 
 from recserve_cluster.addons import adapter_config

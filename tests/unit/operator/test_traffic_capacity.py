@@ -1,6 +1,6 @@
 """The progressive traffic decision with capacity: replicas follow the split, within the stable's scale plus the surge.
 
-decide_progressive runs against a small model of the cluster that does what it is asked (Deployments take their
+The progressive strategy decides against a small model of the cluster that does what it is asked (Deployments take their
 replicas, pods become Ready within the GPUs there are, the router rolls its pods to the plan when told), so each
 test reads as the sequence of splits an operator would apply. At every step the model checks the rule the
 sequence must keep: no revision is sent more traffic than its Ready replicas carry, by the plan the router pods
@@ -25,7 +25,9 @@ from recserve_operator.rollout.capacity import share_replicas
 from recserve_operator.routers.builtin import PLAN_KEY
 from recserve_operator.routers.plan import TrafficPlan
 from recserve_operator.spec import parse_spec, revision_of
-from recserve_operator.strategies import ProgressiveDecision, decide_progressive
+from recserve_operator.builders.common import Ids
+from recserve_operator.strategies import Progressive
+from recserve_operator.strategy import Context, Plan
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 HOUR = [{"weight": 10, "pause": "1h"}]
@@ -87,7 +89,7 @@ class Cluster:
     def canary(self) -> dict[str, Any]:
         return dict(self.status.get("canary") or {})
 
-    def reconcile(self, *, falling: bool = False) -> ProgressiveDecision:
+    def reconcile(self, *, falling: bool = False) -> Plan:
         """One reconcile at `seconds`: decide, then apply (scale, router objects, deletions past the drain gate)."""
         spec = parse_spec(self.spec_body())
         latest = revision_of(spec)
@@ -96,15 +98,13 @@ class Cluster:
                                      available=self.ready.get(rev, 0) >= n)
             for rev, n in self.desired.items()
         }  # fmt: skip
-        d = decide_progressive(
-            spec, name="ctr-dnn", namespace="shop", owner_ref={}, status=self.status, annotations=self.annotations,
-            latest=latest, observations=observations, now=T0 + timedelta(seconds=self.seconds),
-            default_prometheus="", router_image=None, metrics=_no_metrics,
-            router_live=RouterObservation(self.router, ()),
-        )  # fmt: skip
+        ctx = Context(spec, Ids("ctr-dnn", "shop", "uid-1", latest), self.status, self.annotations, observations,
+                      RouterObservation(self.router, ()), T0 + timedelta(seconds=self.seconds))  # fmt: skip
+        strategy = Progressive(_no_metrics)
+        d = strategy.decide(ctx, strategy.measure(ctx))
         if d.handled_action:
             self.annotations.clear()
-        self.status.update(copy.deepcopy(d.rollout_status))
+        self.status.update(copy.deepcopy(dict(d.status)))
         self.status["stable"] = {"revision": d.traffic.stable}
         for rev in d.traffic.keep:
             default = self.replicas if self.autoscaling is None else self.autoscaling["minReplicas"]

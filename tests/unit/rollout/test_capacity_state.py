@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from recserve_operator.rollout.policy import PolicyError, RolloutPolicy
+from recserve_operator.errors import InvalidSpec
+from recserve_operator.rollout.policy import RolloutPolicy
 from recserve_operator.rollout.state import Phase, RolloutState
 
 from .helpers import CANARY_SPEC, T0, spec
@@ -18,7 +19,7 @@ def test_the_surge_defaults_to_one_pod_like_the_crd() -> None:
 
 @pytest.mark.parametrize("surge", [0, -1, 1.5, "two", True])
 def test_a_surge_below_one_pod_or_not_a_whole_number_is_rejected(surge: object) -> None:
-    with pytest.raises(PolicyError, match=r"rollout\.surge"):
+    with pytest.raises(InvalidSpec, match=r"rollout\.surge"):
         RolloutPolicy.from_spec(spec(CANARY_SPEC, surge=surge))
 
 

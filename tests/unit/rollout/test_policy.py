@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from recserve_operator.errors import InvalidSpec
 from recserve_operator.rollout.policy import (
     ManualAction,
-    PolicyError,
     RolloutPolicy,
     RoutingProvider,
     Strategy,
@@ -25,7 +25,7 @@ def test_durations_parse_to_seconds(text: object, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "5", "5 m", "m5", "-1s", "1y", True, None, "5m3"])
 def test_invalid_durations_are_rejected(text: object) -> None:
-    with pytest.raises(PolicyError):
+    with pytest.raises(InvalidSpec):
         parse_duration(text)
 
 
@@ -54,7 +54,7 @@ def test_empty_rollout_defaults_to_immediate_like_the_crd() -> None:
 
 
 def test_canary_without_steps_is_rejected() -> None:
-    with pytest.raises(PolicyError, match="at least one step"):
+    with pytest.raises(InvalidSpec, match="at least one step"):
         RolloutPolicy.from_spec({"strategy": "canary"})
 
 
@@ -65,7 +65,7 @@ def test_failure_limit_zero_means_the_first_failure_rolls_back() -> None:
 def test_zero_minimum_detectable_effect_is_rejected() -> None:
     bad = spec(AB_SPEC)
     bad["analysis"]["abTest"]["minDetectableEffect"] = 0
-    with pytest.raises(PolicyError, match="minDetectableEffect"):
+    with pytest.raises(InvalidSpec, match="minDetectableEffect"):
         RolloutPolicy.from_spec(bad)
 
 
@@ -94,12 +94,12 @@ def test_immediate_needs_nothing_else() -> None:
     ],
 )
 def test_invalid_specs_name_the_field(patch: dict[str, object], message: str) -> None:
-    with pytest.raises(PolicyError, match=message):
+    with pytest.raises(InvalidSpec, match=message):
         RolloutPolicy.from_spec(spec(CANARY_SPEC, **patch))
 
 
 def test_ab_test_without_queries_is_rejected() -> None:
-    with pytest.raises(PolicyError, match="clicks and impressions"):
+    with pytest.raises(InvalidSpec, match="clicks and impressions"):
         RolloutPolicy.from_spec(spec(AB_SPEC, analysis__abTest={"split": 50}))
 
 
@@ -127,7 +127,7 @@ CUMULATIVE_AB_QUERIES = [
 @pytest.mark.parametrize(("name", "query"), SLIDING_AB_QUERIES, ids=[n for n, _ in SLIDING_AB_QUERIES])
 @pytest.mark.parametrize("key", ["clicks", "impressions"])
 def test_an_ab_query_over_a_sliding_window_is_rejected(name: str, query: str, key: str) -> None:
-    with pytest.raises(PolicyError, match=rf"abTest\.{key}: range .* is a sliding window"):
+    with pytest.raises(InvalidSpec, match=rf"abTest\.{key}: range .* is a sliding window"):
         RolloutPolicy.from_spec(spec(AB_SPEC, **{f"analysis__abTest__{key}": query}))
 
 

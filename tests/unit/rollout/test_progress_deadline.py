@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from recserve_operator.errors import InvalidSpec
 from recserve_operator.rollout.analysis import AnalysisResult
 from recserve_operator.rollout.machine import Action, Observation, next_step
-from recserve_operator.rollout.policy import DeadlineAction, PolicyError, RolloutPolicy
+from recserve_operator.rollout.policy import DeadlineAction, RolloutPolicy
 from recserve_operator.rollout.state import Phase, RolloutState
 
 from .helpers import AB_SPEC, CANARY_SPEC, INCONCLUSIVE, PASS, T0, at, policy, spec
@@ -33,7 +34,7 @@ def test_the_deadline_and_its_action_parse() -> None:
     ],
 )
 def test_invalid_deadlines_name_the_field(patch: dict[str, object], message: str) -> None:
-    with pytest.raises(PolicyError, match=message):
+    with pytest.raises(InvalidSpec, match=message):
         RolloutPolicy.from_spec(spec(CANARY_SPEC, **patch))
 
 
@@ -42,7 +43,7 @@ def test_the_interval_rule_applies_only_where_a_rollout_is_analysed() -> None:
     assert no_analysis.progress_deadline_s == 10.0
     immediate = RolloutPolicy.from_spec(spec(AB_SPEC, strategy="immediate", analysis__interval="2h"))
     assert immediate.progress_deadline_s == 1800.0
-    with pytest.raises(PolicyError, match="must be longer"):
+    with pytest.raises(InvalidSpec, match="must be longer"):
         RolloutPolicy.from_spec(spec(AB_SPEC, analysis__interval="2h"))
 
 

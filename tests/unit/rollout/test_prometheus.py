@@ -174,6 +174,8 @@ def test_default_prometheus_applies_only_when_analysis_is_configured() -> None:
     from recserve_operator.rollout.policy import RolloutPolicy
 
     with_analysis = RolloutPolicy.from_spec({**CANARY_SPEC, "analysis": {"interval": "1m"}}, "http://prom:9090")
-    without = RolloutPolicy.from_spec({**CANARY_SPEC, "analysis": {}}, "http://prom:9090")
+    empty = RolloutPolicy.from_spec({**CANARY_SPEC, "analysis": {}}, "http://prom:9090")
+    without = RolloutPolicy.from_spec({k: v for k, v in CANARY_SPEC.items() if k != "analysis"}, "http://prom:9090")
     assert with_analysis.analysis.enabled and with_analysis.analysis.prometheus == "http://prom:9090"
+    assert empty.analysis.prometheus == "http://prom:9090"  # a section, even empty, is analysed
     assert not without.analysis.enabled

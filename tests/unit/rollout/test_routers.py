@@ -15,6 +15,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from recserve_operator.names import is_router, model_of
 from recserve_operator.rollout.machine import TrafficWeights
 from recserve_operator.rollout.policy import ParentRef, RoutingPolicy, RoutingProvider
 from recserve_operator.rollout.state import Phase, RolloutState
@@ -105,7 +106,7 @@ def test_plan_rejects_weights_not_adding_to_100() -> None:
 
 def test_plan_round_trips_through_the_router_configmaps_plan_json() -> None:
     p = plan()
-    cm = build_router_configmap("shop-router", "ns", p, OWNER)
+    cm = build_router_configmap("shop", "ns", p, OWNER)
     assert TrafficPlan.from_dict(json.loads(cm["data"]["plan.json"])) == p
 
 
@@ -126,17 +127,17 @@ def test_local_nginx_conf_golden() -> None:
 
 
 def test_httproute_golden() -> None:
-    route = build_httproute(plan(), "shop-router", "shop", ParentRef("shop-gw", "gateways", "http"), owner_ref=OWNER)
+    route = build_httproute(plan(), "shop", "shop", ParentRef("shop-gw", "gateways", "http"), owner_ref=OWNER)
     golden("httproute-canary-30.yaml", dump(route))
 
 
 def test_builtin_router_objects_golden() -> None:
-    objs = BuiltinRouter().render(plan(), "shop-router", "shop", OWNER)
+    objs = BuiltinRouter().render(plan(), "shop", "shop", OWNER)
     golden("builtin-router-objects.yaml", dump_all(objs))
 
 
 def test_httproute_forced_variant_rules_come_first() -> None:
-    route = build_httproute(plan(), "r", "ns", ParentRef("gw"))
+    route = build_httproute(plan(), "m", "ns", ParentRef("gw"))
     rules = route["spec"]["rules"]
     assert [r["matches"][0].get("headers", [{}])[0].get("value") for r in rules] == ["stable", "canary", None]
     assert [b["weight"] for b in rules[-1]["backendRefs"]] == [70, 30]
@@ -144,7 +145,7 @@ def test_httproute_forced_variant_rules_come_first() -> None:
 
 
 def test_router_deployment_is_restricted_and_read_only() -> None:
-    dep = build_router_deployment("r", "ns", "r", "abc")
+    dep = build_router_deployment("m", "ns", "abc")
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     sc = c["securityContext"]
@@ -157,14 +158,14 @@ def test_router_deployment_is_restricted_and_read_only() -> None:
 
 
 def test_router_service_selects_router_pods() -> None:
-    svc = build_router_service("r", "ns")
-    dep = build_router_deployment("r", "ns", "r", "abc")
+    svc = build_router_service("m", "ns")
+    dep = build_router_deployment("m", "ns", "abc")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
 
 
 def test_a_weight_change_changes_the_config_hash() -> None:
-    a = BuiltinRouter().render(plan(10), "r", "ns")[1]["spec"]["template"]["metadata"]["annotations"]
-    b = BuiltinRouter().render(plan(50), "r", "ns")[1]["spec"]["template"]["metadata"]["annotations"]
+    a = BuiltinRouter().render(plan(10), "m", "ns")[1]["spec"]["template"]["metadata"]["annotations"]
+    b = BuiltinRouter().render(plan(50), "m", "ns")[1]["spec"]["template"]["metadata"]["annotations"]
     assert a != b
 
 
@@ -227,7 +228,7 @@ def test_unsafe_values_never_reach_the_nginx_config() -> None:
 
 
 def test_builtin_router_objects_pass_the_kubernetes_schema() -> None:
-    for obj in BuiltinRouter().render(plan(), "shop-router", "shop", OWNER):
+    for obj in BuiltinRouter().render(plan(), "shop", "shop", OWNER):
         kubernetes_validate.validate(obj, "1.35.0", strict=True)
 
 
@@ -330,8 +331,8 @@ def test_local_configs_route_grpc_only_when_asked() -> None:
 
 
 def test_the_router_service_exposes_grpc_on_the_triton_grpc_port() -> None:
-    svc = build_router_service("r", "ns")
-    dep = build_router_deployment("r", "ns", "r", "abc")
+    svc = build_router_service("m", "ns")
+    dep = build_router_deployment("m", "ns", "abc")
     grpc = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
     assert (grpc["port"], grpc["targetPort"], grpc["appProtocol"]) == (GRPC_SERVICE_PORT, "grpc", "grpc")
     (container,) = dep["spec"]["template"]["spec"]["containers"]
@@ -351,7 +352,7 @@ IMAGE_CASES = [
 def test_the_router_image_comes_from_the_operator_settings(name: str, env: dict[str, str], image: str) -> None:
     defaults = OperatorDefaults.from_env(env)
     assert defaults.router_image == image
-    objs = get_router("builtin", ROUTING, image=defaults.router_image).render(plan(), "r", "ns")
+    objs = get_router("builtin", ROUTING, image=defaults.router_image).render(plan(), "m", "ns")
     (container,) = objs[1]["spec"]["template"]["spec"]["containers"]
     assert container["image"] == image
 
@@ -369,7 +370,7 @@ def test_the_router_pods_go_where_the_operator_settings_place_them() -> None:
     })  # fmt: skip
     placement = defaults.router_placement()
     router = get_router("builtin", placement=placement)
-    objs = router.render(plan(), "shop-router", "shop")
+    objs = router.render(plan(), "shop", "shop")
     pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"node-role.example.com/cpu": "true"}
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"}]
@@ -382,3 +383,18 @@ def test_unset_router_placement_adds_nothing_and_bad_json_is_named() -> None:
         OperatorDefaults.from_env({"RECSERVE_ROUTER_TOLERATIONS": '{"key": "x"}'})
     with pytest.raises(ValueError, match="RECSERVE_ROUTER_NODE_SELECTOR is not valid JSON"):
         OperatorDefaults.from_env({"RECSERVE_ROUTER_NODE_SELECTOR": "kubernetes.io/os=linux"})
+
+
+@pytest.mark.parametrize("provider", ["builtin", "gatewayAPI"])
+def test_every_router_object_maps_back_to_its_model(provider: str) -> None:
+    """The watch caches key owned objects by names.model_of: an edit to a router object reconciles its model, and
+    the model's reconcile sees (so it can delete) the router's objects. The builtin router's selector keeps the
+    instance label it always had: a live Deployment's selector cannot change."""
+    router = get_router(provider, RoutingPolicy(RoutingProvider(provider), ParentRef("gw")))
+    for obj in router.render(plan(), "shop", "ns", OWNER):
+        assert obj["metadata"]["name"] == "shop-router"
+        assert model_of(obj["metadata"]["labels"]) == "shop" and is_router(obj["metadata"]["labels"])
+        if obj["kind"] == "Deployment":
+            template_labels = obj["spec"]["template"]["metadata"]["labels"]
+            assert model_of(template_labels) == "shop"  # router pods too
+            assert obj["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "shop-router"

@@ -1,0 +1,74 @@
+"""The names, labels and annotations of every object RecServe owns: one definition each, no re-spelling.
+
+An owned object belongs to its RecommenderModel through `model_of(labels)`: the watch caches are keyed by it, so a
+reconcile sees (and an edit or a deletion triggers) every object of its model, the router's included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+REVISION_LABEL = "recserve.dev/revision"
+# The model an object serves where its instance label names something else (the router's objects, whose selector
+# was fixed with instance=<model>-router and cannot change on a live Deployment).
+MODEL_LABEL = "recserve.dev/model"
+# The label the ServiceMonitor gives every scraped series for the pod's REVISION_LABEL; rollout queries,
+# the Grafana dashboard and the adapter rule select by it.
+SERIES_REVISION_LABEL = "revision"
+
+APP_NAME = "recserve-triton"
+ROUTER_APP_NAME = "recserve-router"
+PREDICTOR = "predictor"
+ROUTER = "router"
+MANAGER = "recserve"
+
+CONFIG_CHECKSUM_ANNOTATION = "recserve.dev/config-checksum"
+MODEL_VERSION_ANNOTATION = "recserve.dev/model-version"
+ROUTER_CONFIG_HASH_ANNOTATION = "recserve.dev/router-config-hash"
+STICKY_HEADER_ANNOTATION = "recserve.dev/sticky-header"
+# Manual rollout control (promote | abort | pause | resume), written by users and `kubectl recserve`.
+ROLLOUT_ACTION_ANNOTATION = "recserve.dev/rollout-action"
+
+# The init container that builds a revision's model repository (its log is `kubectl recserve build-log`).
+BUILDER_CONTAINER = "model-repo-builder"
+
+
+def revision_name(model: str, revision: str) -> str:
+    """Name of a revision's Deployment, Service, ConfigMap, PodDisruptionBudget and HorizontalPodAutoscaler."""
+    return f"{model}-{revision}"
+
+
+def router_name(model: str) -> str:
+    """Name of a model's router objects (HTTPRoute, or the builtin nginx ConfigMap, Deployment and Service)."""
+    return f"{model}-router"
+
+
+def instance_labels(model: str) -> dict[str, str]:
+    """The small stable label set selecting every predictor pod of one RecommenderModel (never user labels)."""
+    return {NAME_LABEL: APP_NAME, INSTANCE_LABEL: model, COMPONENT_LABEL: PREDICTOR}
+
+
+def revision_selector(model: str, revision: str) -> dict[str, str]:
+    return {**instance_labels(model), REVISION_LABEL: revision}
+
+
+def router_selector(model: str) -> dict[str, str]:
+    """The builtin router's pod selector (immutable on a live Deployment: it never changes)."""
+    return {NAME_LABEL: ROUTER_APP_NAME, INSTANCE_LABEL: router_name(model), COMPONENT_LABEL: ROUTER}
+
+
+def router_labels(model: str) -> dict[str, str]:
+    return {**router_selector(model), MANAGED_BY_LABEL: MANAGER, MODEL_LABEL: model}
+
+
+def model_of(labels: Mapping[str, str]) -> str | None:
+    """The RecommenderModel an owned object belongs to (None: not one of ours)."""
+    return labels.get(MODEL_LABEL) or labels.get(INSTANCE_LABEL)
+
+
+def is_router(labels: Mapping[str, str]) -> bool:
+    return labels.get(COMPONENT_LABEL) == ROUTER

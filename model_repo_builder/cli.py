@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-download-bytes", type=_positive_int)
     b.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     b.add_argument("--cache-dir", help="reuse/store verified builds here (default: $MODEL_REPO_BUILDER_CACHE_DIR)")
+    b.add_argument("--store", help="publish the built tree to this model store: s3://bucket[/prefix] or file:///dir")
+    b.add_argument("--artifact-key", help="the artifact's key in --store (the operator's: <namespace>/<model>/<id>)")
+    b.add_argument("--store-endpoint", help="S3 endpoint of --store (default: $AWS_ENDPOINT_URL)")
+    b.add_argument("--reuse", action="store_true",
+                   help="when --store already holds --artifact-key, report it and build nothing")
+    b.add_argument("--collect-prefix", help="after publishing, delete the artifacts under this key prefix ...")
+    b.add_argument("--keep", action="append", default=[], help="... except these keys (repeatable)")
+    b.add_argument("--termination-log", type=Path,
+                   help="write the outcome (one JSON line) here too, e.g. /dev/termination-log")
     b.add_argument("--json", action="store_true", help="print the build report as JSON on stdout")
 
     pr = sub.add_parser("profile", help="sweep batching/instances on a live Triton under a p99 SLO",
@@ -109,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="start, score one synthesized batch per model, stop")
     s.add_argument("--json", action="store_true")
 
+    f = sub.add_parser("fetch-artifact", help="install a published artifact into a repository, checking its digest",
+                       epilog=errors.EXIT_CODES_HELP, formatter_class=fmt)
+    f.add_argument("--store", required=True, help="s3://bucket[/prefix] or file:///dir")
+    f.add_argument("--artifact-key", required=True)
+    f.add_argument("--digest", required=True, help="sha256 of the artifact's manifest (the build reported it)")
+    f.add_argument("--repo", required=True, type=Path, help="Triton model repository directory")
+    f.add_argument("--store-endpoint", help="S3 endpoint of --store (default: $AWS_ENDPOINT_URL)")
+    f.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
+
     i = sub.add_parser("inspect", help="show a model repository, a model directory or a model file",
                        epilog=errors.EXIT_CODES_HELP, formatter_class=fmt)
     i.add_argument("path", type=Path)
@@ -129,6 +147,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from model_repo_builder.builder import BuildRequest, build
     from model_repo_builder.progress import progress_enabled
 
+    if (args.store is None) != (args.artifact_key is None):
+        raise errors.UsageError("--store and --artifact-key go together", "pass both to publish, neither to not")
+    store = None
+    if args.store is not None:
+        from model_repo_builder.artifact import MANIFEST, Manifest, open_store
+
+        store = open_store(args.store, args.store_endpoint)
+        existing = store.read(f"{args.artifact_key}/{MANIFEST}") if args.reuse else None
+        if existing is not None:
+            manifest = Manifest.from_bytes(existing)
+            outcome = {"artifact": {"key": args.artifact_key, "digest": manifest.digest, "reused": True},
+                       "name": manifest.name, "version": manifest.version}  # fmt: skip
+            return _done(args, outcome, f"reused {args.artifact_key} ({manifest.digest[:12]}): nothing to build")
+
     req = BuildRequest(
         source=args.source, repo=args.repo, name=args.name, version=args.version, format=args.format,
         sha256=args.sha256, backend=args.backend, precision=args.precision, max_batch_size=args.max_batch_size,
@@ -143,6 +175,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         show_progress=progress_enabled(args.json),
     )
     result = build(req)
+    if store is not None:
+        result.report["artifact"] = _publish(args, store, result.model_dir, result.name, result.version)
     par = result.report["parity"]
     human = (
         f"built {result.name} version {result.version} -> {result.version_dir}\n"
@@ -150,8 +184,37 @@ def _cmd_build(args: argparse.Namespace) -> int:
         f"{par['max_abs_error']:.3g}, top-{par['topk']} overlap {par['topk_overlap']:.3f}"
         + (f", AUC drop {par['auc_drop']:.4f}" if par.get("auc_drop") is not None else "")
         + f", {result.report['build_seconds']:.1f}s"
+        + (f"\n  published {args.artifact_key} ({result.report['artifact']['digest'][:12]})" if store else "")
     )
-    _emit(result.report, args.json, human)
+    return _done(args, result.report, human)
+
+
+def _publish(args: argparse.Namespace, store: Any, tree: Path, name: str, version: int) -> dict[str, Any]:
+    from model_repo_builder.artifact import collect, publish
+
+    published = publish(tree, store, args.artifact_key, name=name, version=version)
+    out: dict[str, Any] = {"key": published.key, "digest": published.digest, "reused": published.reused}
+    if args.collect_prefix:
+        out["collected"] = collect(store, args.collect_prefix, {args.artifact_key, *args.keep})
+    return out
+
+
+def _done(args: argparse.Namespace, report: dict[str, Any], human: str) -> int:
+    if args.termination_log is not None:
+        # Kubernetes keeps at most 4 KiB of it: the outcome, not the whole report.
+        brief: dict[str, Any] = {"status": "ok"}
+        brief.update({k: report[k] for k in ("artifact", "name", "version") if k in report})
+        args.termination_log.write_text(json.dumps(brief, sort_keys=True) + "\n")
+    _emit(report, args.json, human)
+    return errors.EXIT_OK
+
+
+def _cmd_fetch_artifact(args: argparse.Namespace) -> int:
+    from model_repo_builder.artifact import fetch_artifact, open_store
+
+    path = fetch_artifact(open_store(args.store, args.store_endpoint), args.artifact_key, args.digest, args.repo)
+    _emit({"path": str(path), "key": args.artifact_key, "digest": args.digest}, args.json,
+          f"fetched {args.artifact_key} ({args.digest[:12]}) -> {path}")  # fmt: skip
     return errors.EXIT_OK
 
 
@@ -213,7 +276,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return errors.EXIT_OK
 
 
-_COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "serve-local": _cmd_serve_local, "profile": _cmd_profile}
+_COMMANDS = {"build": _cmd_build, "fetch-artifact": _cmd_fetch_artifact, "inspect": _cmd_inspect,
+             "serve-local": _cmd_serve_local, "profile": _cmd_profile}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from operator_samples import minimal_spec
+from recserve_operator.builders.common import Ids
 from recserve_operator.lifecycle import RouterObservation
 from recserve_operator.metrics.base import MetricsProvider
 from recserve_operator.observe import RevisionObservation
@@ -25,7 +26,6 @@ from recserve_operator.rollout.capacity import share_replicas
 from recserve_operator.routers.builtin import PLAN_KEY
 from recserve_operator.routers.plan import TrafficPlan
 from recserve_operator.spec import parse_spec, revision_of
-from recserve_operator.builders.common import Ids
 from recserve_operator.strategies import Progressive
 from recserve_operator.strategy import Context, Plan
 

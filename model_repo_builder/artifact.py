@@ -24,6 +24,9 @@ from model_repo_builder.errors import BadInputError, UsageError
 
 MANIFEST = "artifact.json"
 FORMAT = 1
+# The model store's Secret reaches a pod with this prefix (STORE_AWS_ACCESS_KEY_ID ...), so it never mixes with the
+# model source's own AWS_* keys.
+STORE_ENV_PREFIX = "STORE_"
 _CHUNK = 1 << 20
 
 
@@ -150,7 +153,7 @@ class S3Store:
     def _client(self) -> Any:
         from model_repo_builder.fetch import _s3_client
 
-        return _s3_client(self.endpoint)
+        return _s3_client(self.endpoint, env_prefix=STORE_ENV_PREFIX)
 
     def _key(self, key: str) -> str:
         _safe_relpath(key)

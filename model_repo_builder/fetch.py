@@ -130,16 +130,27 @@ def _fetch_http(uri: str, dest: Path, max_bytes: int, show_progress: bool, retri
     return target
 
 
-def _s3_client(endpoint: str | None) -> Any:
+def _s3_client(endpoint: str | None, env_prefix: str = "") -> Any:
+    """An S3 client; with `env_prefix` its keys come from `<prefix>AWS_ACCESS_KEY_ID` etc. when those are set (the
+    model store's Secret, beside the model source's own AWS_* keys), else from boto3's usual chain."""
     try:
         import boto3
         from botocore.config import Config
     except ImportError as exc:
         raise MissingRuntimeError("boto3 is not installed", "pip install 'recserve[builder]'") from exc
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = endpoint or os.environ.get(f"{env_prefix}AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
     # Path-style addressing: S3-compatible stores (MinIO, SeaweedFS, Ceph) rarely do virtual-host buckets.
     cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"})
-    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
+    keys: dict[str, Any] = {}
+    if env_prefix and os.environ.get(f"{env_prefix}AWS_ACCESS_KEY_ID"):
+        keys = {
+            "aws_access_key_id": os.environ[f"{env_prefix}AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": os.environ.get(f"{env_prefix}AWS_SECRET_ACCESS_KEY"),
+            "aws_session_token": os.environ.get(f"{env_prefix}AWS_SESSION_TOKEN"),
+            "region_name": os.environ.get(f"{env_prefix}AWS_DEFAULT_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        }
+    return boto3.client("s3", endpoint_url=endpoint, config=cfg, **keys)
 
 
 def _fetch_s3(uri: str, dest: Path, endpoint: str | None, max_bytes: int, show_progress: bool) -> Path:

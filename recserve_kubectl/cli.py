@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import yaml
-from recserve_operator.names import BUILDER_CONTAINER, REVISION_LABEL, ROLLOUT_ACTION_ANNOTATION
+from recserve_operator.names import (
+    BUILDER,
+    BUILDER_CONTAINER,
+    COMPONENT_LABEL,
+    INSTANCE_LABEL,
+    REVISION_LABEL,
+    ROLLOUT_ACTION_ANNOTATION,
+)
 from recserve_operator.rollout.controls import refusal
 from recserve_operator.rollout.policy import ManualAction
 from recserve_operator.rollout.state import RolloutState
@@ -147,7 +154,8 @@ def cmd_action(api: Api, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _builder_state(pod: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    for s in (pod.get("status") or {}).get("initContainerStatuses") or []:
+    status = pod.get("status") or {}
+    for s in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
         if s.get("name") == BUILDER_CONTAINER:
             return dict(s.get("state") or {}), int(s.get("restartCount") or 0)
     return {}, 0
@@ -159,13 +167,17 @@ def cmd_build_log(api: Api, args: argparse.Namespace, out: TextIO) -> int:
     revision = args.revision or status.get("latestRevision") or (status.get("stable") or {}).get("revision")
     if not revision:
         raise CliError(f"{RESOURCE}/{args.name} has no revision yet (the operator has not reconciled it)")
-    pods = api.list_pods(api.namespace, f"{selector(args.name)},{REVISION_LABEL}={revision}")
+    # With a model store the revision builds once, in its build Job's pod; otherwise in each serving pod.
+    pods = api.list_pods(api.namespace, f"{INSTANCE_LABEL}={args.name},{COMPONENT_LABEL}={BUILDER},"
+                                        f"{REVISION_LABEL}={revision}")  # fmt: skip
+    pods = pods or api.list_pods(api.namespace, f"{selector(args.name)},{REVISION_LABEL}={revision}")
     if not pods:
         others = sorted({(p["metadata"].get("labels") or {}).get(REVISION_LABEL, "?")
                          for p in api.list_pods(api.namespace, selector(args.name))})  # fmt: skip
         have = f"; revisions with pods: {', '.join(others)}" if others else ""
         raise CliError(f"no pod of revision {revision} of {RESOURCE}/{args.name} exists, so its build log is gone "
-                       f"(builds run in each pod's {BUILDER_CONTAINER} init container){have}")  # fmt: skip
+                       f"(builds run in the revision's build Job, or in each pod's {BUILDER_CONTAINER} init "
+                       f"container){have}")  # fmt: skip
     # The oldest pod has built the longest; the ordering is stable across calls.
     pod = min(pods, key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"]))
     state, restarts = _builder_state(pod)

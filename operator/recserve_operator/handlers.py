@@ -42,6 +42,7 @@ class IndexedLive:
         "ConfigMap": "recserve_configmaps",
         "PodDisruptionBudget": "recserve_pdbs",
         "HorizontalPodAutoscaler": "recserve_hpas",
+        "Job": "recserve_jobs",
     }
 
     def __init__(self, kwargs: Mapping[str, Any]) -> None:
@@ -194,6 +195,12 @@ def recserve_hpas(body: kopf.Body, namespace: str | None, labels: kopf.Labels, *
     return {key: _plain(body)} if key else None
 
 
+@kopf.index("batch", "v1", "jobs", labels=OWNED)
+def recserve_jobs(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> Any:
+    key = _owned_key(namespace, labels)
+    return {key: _plain(body)} if key else None
+
+
 # -- triggers -----------------------------------------------------------------------------------------------------
 
 
@@ -246,6 +253,13 @@ def deployment_event(event: kopf.RawEvent, namespace: str | None, labels: kopf.L
 @kopf.on.event("", "v1", "pods", labels=OWNED)
 def pod_event(event: kopf.RawEvent, namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     # Pods carry what Deployments hide: PodScheduled=False (InsufficientGPU) and init container failures.
+    if event.get("type") is not None:
+        _owner_changed(event, namespace, labels, kwargs)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+def job_event(event: kopf.RawEvent, namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    # A build finished (or failed): create the revision's Deployment, or report why not, now.
     if event.get("type") is not None:
         _owner_changed(event, namespace, labels, kwargs)
 

@@ -41,6 +41,7 @@ RESOURCES: dict[str, Resource] = {
         Resource("v1", "Service", "services"),
         Resource("v1", "Pod", "pods"),
         Resource("apps/v1", "Deployment", "deployments"),
+        Resource("batch/v1", "Job", "jobs"),
         Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
         Resource("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
         Resource("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),

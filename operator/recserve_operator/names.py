@@ -24,6 +24,7 @@ APP_NAME = "recserve-triton"
 ROUTER_APP_NAME = "recserve-router"
 PREDICTOR = "predictor"
 ROUTER = "router"
+BUILDER = "builder"  # a revision's build Job and its pod
 MANAGER = "recserve"
 
 CONFIG_CHECKSUM_ANNOTATION = "recserve.dev/config-checksum"
@@ -33,13 +34,25 @@ STICKY_HEADER_ANNOTATION = "recserve.dev/sticky-header"
 # Manual rollout control (promote | abort | pause | resume), written by users and `kubectl recserve`.
 ROLLOUT_ACTION_ANNOTATION = "recserve.dev/rollout-action"
 
-# The init container that builds a revision's model repository (its log is `kubectl recserve build-log`).
+# The container that builds a revision's model repository: the init container of every serving pod, or, with a
+# model store, the one container of the revision's build Job (its log is `kubectl recserve build-log`).
 BUILDER_CONTAINER = "model-repo-builder"
+# With a model store: the serving pods' init container that fetches and verifies the built artifact.
+FETCH_CONTAINER = "fetch-artifact"
+# On a serving pod template: the artifact it fetches (its digest is what the build reported).
+ARTIFACT_KEY_ANNOTATION = "recserve.dev/artifact-key"
+ARTIFACT_DIGEST_ANNOTATION = "recserve.dev/artifact-digest"
 
 
 def revision_name(model: str, revision: str) -> str:
     """Name of a revision's Deployment, Service, ConfigMap, PodDisruptionBudget and HorizontalPodAutoscaler."""
     return f"{model}-{revision}"
+
+
+def build_job_name(model: str, revision: str) -> str:
+    """The revision's build Job: one per revision (the revision includes the GPU product), so two builds of one
+    revision cannot run at once. Within 63 characters for model names up to 46 (the Deployment's limit is 52)."""
+    return f"{revision_name(model, revision)}-build"
 
 
 def router_name(model: str) -> str:
@@ -54,6 +67,17 @@ def instance_labels(model: str) -> dict[str, str]:
 
 def revision_selector(model: str, revision: str) -> dict[str, str]:
     return {**instance_labels(model), REVISION_LABEL: revision}
+
+
+def build_labels(model: str, revision: str) -> dict[str, str]:
+    """A build Job and its pod: the revision's labels with component builder (the Deployment never selects it)."""
+    return {NAME_LABEL: APP_NAME, INSTANCE_LABEL: model, COMPONENT_LABEL: BUILDER, REVISION_LABEL: revision,
+            MANAGED_BY_LABEL: MANAGER}  # fmt: skip
+
+
+def is_predictor(labels: Mapping[str, str]) -> bool:
+    """A serving pod (component predictor; pods created before components were told apart carry none)."""
+    return labels.get(COMPONENT_LABEL, PREDICTOR) == PREDICTOR
 
 
 def router_selector(model: str) -> dict[str, str]:

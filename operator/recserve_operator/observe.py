@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from recserve_operator.builders.deployment import GPU_RESOURCE, TRITON_CONTAINER
-from recserve_operator.names import BUILDER_CONTAINER
+from recserve_operator.names import BUILDER_CONTAINER, FETCH_CONTAINER
 
 _MAX_MESSAGE = 1024
 
@@ -28,7 +29,7 @@ class RevisionObservation:
     container_failing: str | None = None
 
 
-def _builder_message(terminated: Mapping[str, Any]) -> str:
+def _builder_message(terminated: Mapping[str, Any], container: str = BUILDER_CONTAINER) -> str:
     """The builder's --json report is its last log line; prefer its error text over raw logs."""
     raw = str(terminated.get("message") or "").strip()
     code = terminated.get("exitCode")
@@ -44,7 +45,8 @@ def _builder_message(terminated: Mapping[str, Any]) -> str:
                 if detail:
                     raw = str(detail)
                 break
-    text = f"model-repo-builder exited with code {code}" + (f": {raw}" if raw else "")
+    what = "model-repo-builder" if container == BUILDER_CONTAINER else f"model-repo-builder ({container})"
+    text = f"{what} exited with code {code}" + (f": {raw}" if raw else "")
     return text[:_MAX_MESSAGE]
 
 
@@ -59,7 +61,7 @@ def _pod_observation(pod: Mapping[str, Any]) -> dict[str, Any]:
         if cond.get("type") == "Ready" and cond.get("status") == "True":
             out["ready"] = True
     for cs in status.get("initContainerStatuses") or []:
-        if cs.get("name") != BUILDER_CONTAINER:
+        if cs.get("name") not in (BUILDER_CONTAINER, FETCH_CONTAINER):
             continue
         state = cs.get("state") or {}
         last = (cs.get("lastState") or {}).get("terminated")
@@ -67,10 +69,10 @@ def _pod_observation(pod: Mapping[str, Any]) -> dict[str, Any]:
         if terminated and terminated.get("exitCode", 0) == 0:
             out["built"] = True
         elif terminated:
-            out["build_failed"] = _builder_message(terminated)
+            out["build_failed"] = _builder_message(terminated, cs["name"])
         elif last and last.get("exitCode", 0) != 0:
             # Restarting after a failure (CrashLoopBackOff): the failure is what the user needs to see.
-            out["build_failed"] = _builder_message(last)
+            out["build_failed"] = _builder_message(last, cs["name"])
         elif "running" in state or "waiting" in state:
             out["building"] = True
     for cs in status.get("containerStatuses") or []:
@@ -118,4 +120,69 @@ def observe_revision(
         unschedulable=unsched["unschedulable"] if unsched else None,
         insufficient_gpu=bool(unsched and unsched.get("insufficient_gpu")),
         container_failing=failing,
+    )
+
+
+@dataclass(frozen=True)
+class BuildObservation:
+    """A revision's build Job (with a model store): running, published (with the digest it reported), or failed."""
+
+    exists: bool = False
+    building: bool = False
+    key: str | None = None
+    digest: str | None = None  # set once the build published (or reused) its artifact
+    failed: str | None = None
+    unschedulable: str | None = None
+    insufficient_gpu: bool = False
+
+
+def _published(terminated: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(key, digest) from a finished build's termination message (model-repo-builder --termination-log)."""
+    try:
+        outcome = json.loads(str(terminated.get("message") or "").strip().splitlines()[-1])
+        artifact = outcome["artifact"]
+        return str(artifact["key"]), str(artifact["digest"])
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None, None
+
+
+def observe_build(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]]) -> BuildObservation:
+    if job is None:
+        return BuildObservation()
+    conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []
+                  if c.get("status") == "True"}  # fmt: skip
+    name = (job.get("metadata") or {}).get("name", "")
+    log = f"(log: kubectl logs job/{name})"
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    terminated = next((t for p in live for cs in (p.get("status") or {}).get("containerStatuses") or []
+                       if cs.get("name") == BUILDER_CONTAINER and (t := (cs.get("state") or {}).get("terminated"))),
+                      None)  # fmt: skip
+    if "Complete" in conditions or (terminated is not None and terminated.get("exitCode", 1) == 0):
+        key, digest = _published(terminated or {})
+        if digest is None:
+            return BuildObservation(True, failed=f"the build finished without reporting its artifact {log}")
+        return BuildObservation(True, key=key, digest=digest)
+    if terminated is not None:
+        return BuildObservation(True, failed=f"{_builder_message(terminated)} {log}"[:_MAX_MESSAGE])
+    if "Failed" in conditions:
+        failed = conditions["Failed"]
+        reason = f"{failed.get('reason') or 'Failed'}: {failed.get('message') or ''}".strip(": ")
+        return BuildObservation(True, failed=f"build Job {name} failed: {reason} {log}"[:_MAX_MESSAGE])
+    pod = next((_pod_observation(p) for p in live), {})
+    return BuildObservation(True, building=True, unschedulable=pod.get("unschedulable"),
+                            insufficient_gpu=bool(pod.get("insufficient_gpu")))  # fmt: skip
+
+
+def with_build(obs: RevisionObservation | None, revision: str, build: BuildObservation) -> RevisionObservation:
+    """The revision as status reports it: its Deployment's pods plus its build Job."""
+    base = obs or RevisionObservation(revision=revision)
+    if not build.exists:
+        return base
+    return dataclasses.replace(
+        base,
+        built=base.built or build.digest is not None,
+        building=base.building or build.building,
+        build_failed=build.failed or base.build_failed,
+        unschedulable=base.unschedulable or build.unschedulable,
+        insufficient_gpu=base.insufficient_gpu or build.insufficient_gpu,
     )

@@ -22,21 +22,33 @@ from recserve_operator.builders.common import Ids
 from recserve_operator.builders.configmap import build_configmap
 from recserve_operator.builders.deployment import build_deployment
 from recserve_operator.builders.hpa import build_hpa
+from recserve_operator.builders.job import build_job
 from recserve_operator.builders.pdb import build_pdb
 from recserve_operator.builders.service import build_revision_service, build_stable_service
 from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.kube import Kube, resource_of
 from recserve_operator.lifecycle import RouterObservation, TrafficDecision, router_serves
 from recserve_operator.names import (
+    ARTIFACT_DIGEST_ANNOTATION,
+    ARTIFACT_KEY_ANNOTATION,
+    BUILDER,
+    COMPONENT_LABEL,
     MANAGED_BY_LABEL,
     MANAGER,
     REVISION_LABEL,
     ROLLOUT_ACTION_ANNOTATION,
+    is_predictor,
     is_router,
     model_of,
     router_name,
 )
-from recserve_operator.observe import RevisionObservation, observe_revision
+from recserve_operator.observe import (
+    BuildObservation,
+    RevisionObservation,
+    observe_build,
+    observe_revision,
+    with_build,
+)
 from recserve_operator.rollout.policy import Strategy as RolloutStrategy
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import InvalidSpec, RecommenderModelSpec, parse_spec, revision_of
@@ -49,11 +61,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("recserve.reconcile")
 
 # Kinds deleted when their revision leaves the decision's keep set (ordered: traffic first, config last).
-REVISIONED_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment", "ConfigMap")
+REVISIONED_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment", "Job", "ConfigMap")
 # The builtin router's kinds (in the watch caches), deleted when the plan no longer names them.
 ROUTER_KINDS = ("Service", "Deployment", "ConfigMap")
 SERVICEMONITOR_API = "/apis/monitoring.coreos.com/v1"
-INDEXED_KINDS = frozenset(("Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler"))
+INDEXED_KINDS = frozenset(
+    ("Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Job")
+)
+# A Job's pod template is immutable and one Job is one build: created once, never re-applied.
+CREATE_ONLY_KINDS = frozenset(("Job",))
 _DISCOVERY_TTL_S = 300.0
 _QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
 
@@ -138,7 +154,7 @@ class Reconciler:
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         old_status = self._status.get(uid) or dict(body.get("status") or {})
         pods = self.live.owned("Pod", namespace, name)
-        observations = _observe(self._live("Deployment", namespace, name), pods)
+        observations = self._observe(namespace, name, pods)
         try:
             spec = parse_spec(body.get("spec") or {}, default_prometheus=self.defaults.prometheus_url)
             ctx = Context(
@@ -156,7 +172,7 @@ class Reconciler:
         self._announce(ctx, plan, post)
         if counts["applied"] or counts["deleted"]:
             # Report on what now exists (our writes are in the applied cache), not on the pre-apply snapshot.
-            observations = _observe(self._live("Deployment", namespace, name), pods)
+            observations = self._observe(namespace, name, pods)
         counts["status"] = self._report(ctx, plan, body, observations, post)
         return counts
 
@@ -246,13 +262,65 @@ class Reconciler:
         routers += self.live.owned("Pod", namespace, router_name(name))
         return RouterObservation(self._router_deployment(namespace, name), tuple(routers))
 
+    def _observe(self, namespace: str, name: str, pods: list[dict[str, Any]]) -> dict[str, RevisionObservation]:
+        """Each revision's Deployment and serving pods, with its build Job where there is one."""
+        predictors = [p for p in pods if is_predictor((p.get("metadata") or {}).get("labels") or {})]
+        observations = _observe(self._live("Deployment", namespace, name), predictors)
+        for rev, build in self._builds(namespace, name, pods).items():
+            observations[rev] = with_build(observations.get(rev), rev, build)
+        return observations
+
+    def _builds(self, namespace: str, name: str, pods: list[dict[str, Any]]) -> dict[str, BuildObservation]:
+        builders: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        for pod in pods:
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            if labels.get(COMPONENT_LABEL) == BUILDER and labels.get(REVISION_LABEL):
+                builders[labels[REVISION_LABEL]].append(pod)
+        return {rev: observe_build(job, builders.get(rev, [])) for job in self._live("Job", namespace, name)
+                if (rev := (job["metadata"].get("labels") or {}).get(REVISION_LABEL))}  # fmt: skip
+
+    def _artifact(self, ids: Ids, pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+        """(key, digest) of the revision's published artifact: what its Deployment fetches, else what its build
+        Job reported; None while it is not built."""
+        live = next((d for d in self._live("Deployment", ids.namespace, ids.name)
+                     if d["metadata"]["name"] == ids.revision_name), None)  # fmt: skip
+        annotations = ((((live or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get(
+            "annotations") or {}  # fmt: skip
+        if annotations.get(ARTIFACT_KEY_ANNOTATION) and annotations.get(ARTIFACT_DIGEST_ANNOTATION):
+            return annotations[ARTIFACT_KEY_ANNOTATION], annotations[ARTIFACT_DIGEST_ANNOTATION]
+        build = self._builds(ids.namespace, ids.name, pods).get(ids.revision)
+        if build is not None and build.key and build.digest:
+            return build.key, build.digest
+        return None
+
+    def _artifacts_in_use(self, ids: Ids) -> set[str]:
+        """The artifact keys the model's other running revisions fetch (a build must not collect them)."""
+        keys = set()
+        for dep in self._live("Deployment", ids.namespace, ids.name):
+            tpl = ((dep.get("spec") or {}).get("template") or {}).get("metadata") or {}
+            key = (tpl.get("annotations") or {}).get(ARTIFACT_KEY_ANNOTATION)
+            if key:
+                keys.add(key)
+        return keys
+
+    def _serving(self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision) -> list[dict[str, Any]]:
+        """The revision's Deployment; with a model store, its build Job until the build published (a failed build
+        never gets a Deployment, and a scale-out only fetches)."""
+        replicas = decision.replicas.get(ids.revision)
+        if not self.defaults.builds_once:
+            return [build_deployment(spec, ids, self.defaults, replicas=replicas)]
+        artifact = self._artifact(ids, self.live.owned("Pod", ids.namespace, ids.name))
+        if artifact is None:
+            return [build_job(spec, ids, self.defaults, keep=self._artifacts_in_use(ids))]
+        return [build_deployment(spec, ids, self.defaults, replicas=replicas, artifact=artifact)]
+
     def _desired_revision(
         self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision
     ) -> list[dict[str, Any]]:
         """The spec's revision, at the scale the decision gives it (a rollout's share) or the spec's."""
         objs = [
             build_configmap(spec, ids),
-            build_deployment(spec, ids, self.defaults, replicas=decision.replicas.get(ids.revision)),
+            *self._serving(spec, ids, decision),
             build_revision_service(spec, ids),
             build_pdb(spec, ids),
         ]
@@ -318,7 +386,7 @@ class Reconciler:
                 (o for o in self._live(kind, meta["namespace"], model) if o["metadata"]["name"] == meta["name"]),
                 None,
             )
-        if live is not None and is_subset(obj, live):
+        if live is not None and (kind in CREATE_ONLY_KINDS or is_subset(obj, live)):
             return False
         applied = self.kube.apply(obj)
         applied.get("metadata", {}).pop("managedFields", None)

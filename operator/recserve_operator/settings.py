@@ -10,6 +10,9 @@ from typing import Any, TypeVar
 
 DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
 DEFAULT_BUILDER_IMAGE = "ghcr.io/recserve/model-repo-builder:0.1.0"
+# Serving pods fetch a built artifact with the operator's image (Python, boto3, no TensorFlow): a scale-out pulls
+# nothing the size of the builder.
+DEFAULT_FETCHER_IMAGE = "ghcr.io/recserve/operator:0.1.0"
 # The built-in router's nginx (public, unprivileged: uid 101, read-only root); the chart's defaults.routerImage.
 DEFAULT_ROUTER_IMAGE = "nginxinc/nginx-unprivileged:1.27-alpine"
 
@@ -32,6 +35,17 @@ class OperatorDefaults:
     metrics_port: int = 9090
     # Drift and readiness resync period: the timer only reads the watch caches, so it is cheap.
     resync_seconds: float = 10.0
+    # Build once per revision: a build Job publishes to this model store (s3://bucket[/prefix]) and serving pods
+    # only fetch and verify the artifact. Empty: every pod builds in its init container.
+    model_store: str = ""
+    model_store_endpoint: str = ""  # S3 endpoint of a non-AWS store
+    # The Secret (in each model's namespace) with the store's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    model_store_secret: str = ""
+    fetcher_image: str = DEFAULT_FETCHER_IMAGE
+
+    @property
+    def builds_once(self) -> bool:
+        return bool(self.model_store)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorDefaults:
@@ -49,6 +63,10 @@ class OperatorDefaults:
             watch_namespaces=namespaces,
             metrics_port=int(e.get("RECSERVE_METRICS_PORT", str(cls.metrics_port))),
             resync_seconds=float(e.get("RECSERVE_RESYNC_SECONDS", str(cls.resync_seconds))),
+            model_store=e.get("RECSERVE_MODEL_STORE", ""),
+            model_store_endpoint=e.get("RECSERVE_MODEL_STORE_ENDPOINT", ""),
+            model_store_secret=e.get("RECSERVE_MODEL_STORE_SECRET", ""),
+            fetcher_image=e.get("RECSERVE_FETCHER_IMAGE", DEFAULT_FETCHER_IMAGE),
         )
 
     def router_placement(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import os
 import re
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,11 @@ def placement() -> dict[str, Any]:
 
 
 @contextmanager
-def installed_platform(cluster: Cluster, tmp: Path, prefix: str) -> Iterator[str]:
+def installed_platform(
+    cluster: Cluster, tmp: Path, prefix: str, extra_values: Callable[[str], dict[str, Any]] | None = None
+) -> Iterator[str]:
     """The chart installed with the local images, watching one new namespace (yielded), its operator on NODE.
+    `extra_values(namespace)`: more chart values (top-level keys), for the namespace about to be watched.
 
     Leaving deletes the namespace's RecommenderModels, the release and both namespaces.
     """
@@ -55,6 +58,7 @@ def installed_platform(cluster: Cluster, tmp: Path, prefix: str) -> Iterator[str
     values = {"image": {"repository": repository, "tag": tag}, "watchNamespaces": [ns], **placement(),
               "defaults": {"resyncSeconds": 2, "routerNodeSelector": placement()["nodeSelector"],
                            "routerTolerations": placement()["tolerations"]}}
+    values.update(extra_values(ns) if extra_values is not None else {})
     try:
         _helm(cluster, "install", release, str(ROOT / "charts" / "recserve"), "-n", system, "--wait",
               "--timeout", "4m", values=values, tmp_path=tmp)
@@ -69,12 +73,12 @@ def installed_platform(cluster: Cluster, tmp: Path, prefix: str) -> Iterator[str
             cluster.kubectl("delete", "namespace", n, "--wait=false", "--ignore-not-found", check=False)
 
 
-def platform_fixture(prefix: str) -> Any:
+def platform_fixture(prefix: str, extra_values: Callable[[str], dict[str, Any]] | None = None) -> Any:
     """A module-scoped `platform` fixture: the chart installed for the module's tests, its namespace yielded."""
 
     @pytest.fixture(scope="module")
     def platform(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-        with installed_platform(cluster, tmp_path_factory.mktemp("chart"), prefix) as ns:
+        with installed_platform(cluster, tmp_path_factory.mktemp("chart"), prefix, extra_values) as ns:
             yield ns
 
     return platform

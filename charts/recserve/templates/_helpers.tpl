@@ -87,6 +87,10 @@ app.kubernetes.io/part-of: recserve
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, list, watch, create, patch, delete]
+# With a model store (modelStore.url): one build Job per revision, created once, deleted with it.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
 # Optional integrations, used only when their APIs are served: Prometheus Operator scraping and
 # Gateway API traffic splitting.
 - apiGroups: [monitoring.coreos.com]

@@ -1,4 +1,4 @@
-"""Deployment per revision: model-repo-builder init container + Triton, on the requested GPU product."""
+"""Deployment per revision: an init container that builds (or, with a model store, fetches) the model + Triton."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import copy
 import hashlib
 from typing import Any
 
+from model_repo_builder.artifact import STORE_ENV_PREFIX
 from recserve_operator.builders.common import (
     GRPC_PORT,
     HTTP_PORT,
@@ -16,7 +17,14 @@ from recserve_operator.builders.common import (
     revision_selector,
 )
 from recserve_operator.builders.configmap import CONFIG_KEY, build_configmap, config_checksum
-from recserve_operator.names import BUILDER_CONTAINER, CONFIG_CHECKSUM_ANNOTATION, MODEL_VERSION_ANNOTATION
+from recserve_operator.names import (
+    ARTIFACT_DIGEST_ANNOTATION,
+    ARTIFACT_KEY_ANNOTATION,
+    BUILDER_CONTAINER,
+    CONFIG_CHECKSUM_ANNOTATION,
+    FETCH_CONTAINER,
+    MODEL_VERSION_ANNOTATION,
+)
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import RecommenderModelSpec, pvc_claim
 
@@ -138,53 +146,41 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def build_deployment(
-    spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDefaults, *, replicas: int | None = None
-) -> dict[str, Any]:
-    """`replicas` replaces spec.serving.replicas (a rollout's split gives the candidate its share); with
-    autoscaling it is ignored: the HorizontalPodAutoscaler's bounds carry the share (build_hpa)."""
+def builder_container(
+    spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDefaults, *, extra_args: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The model-repo-builder container (an init container, or a build Job's container) and the volumes it mounts
+    (the repository it writes, /tmp, the config template, pvc:// sources, the build cache)."""
     s = spec.serving
     triton_image = s.triton_image or defaults.triton_image
-    builder_image = s.builder_image or defaults.builder_image
-    checksum = config_checksum(build_configmap(spec, ids))
-    resources = _resources(spec)
-    model_ready = f"/v2/models/{ids.name}/ready"
-
-    mounts = [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
-    builder_mounts = [*mounts, {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    mounts = [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"},
+              {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]  # fmt: skip
     # The root filesystem is read-only: libraries that cache under $HOME (TensorRT, ONNX, Keras) use /tmp.
-    builder_env: list[dict[str, Any]] = [
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
-    ]
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
     volumes: list[dict[str, Any]] = [
         {"name": "models", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "config", "configMap": {"name": ids.revision_name}},
-        # Triton's shared-memory pools live in /dev/shm; the default 64 MiB is too small for large batches.
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
     ]
     source_volumes, source_mounts = _source_volumes(spec)
     if source_mounts:
         volumes += source_volumes
-        builder_mounts += source_mounts
-        builder_env.append({"name": PVC_ROOT_ENV, "value": SOURCES_DIR})
+        mounts += source_mounts
+        env.append({"name": PVC_ROOT_ENV, "value": SOURCES_DIR})
     if s.build_cache_claim:
         volumes.append({"name": "build-cache", "persistentVolumeClaim": {"claimName": s.build_cache_claim}})
-        builder_mounts.append({"name": "build-cache", "mountPath": CACHE_DIR})
-        builder_env.append(
-            {"name": "MODEL_REPO_BUILDER_CACHE_DIR", "value": f"{CACHE_DIR}/{build_cache_key(spec, triton_image)}"}
-        )
-
-    init_container: dict[str, Any] = {
+        mounts.append({"name": "build-cache", "mountPath": CACHE_DIR})
+        cache_dir = f"{CACHE_DIR}/{build_cache_key(spec, triton_image)}"
+        env.append({"name": "MODEL_REPO_BUILDER_CACHE_DIR", "value": cache_dir})
+    container: dict[str, Any] = {
         "name": BUILDER_CONTAINER,
-        "image": builder_image,
+        "image": s.builder_image or defaults.builder_image,
         "imagePullPolicy": defaults.image_pull_policy,
         "command": list(BUILDER_COMMAND),
-        "args": builder_args(spec, ids),
-        "resources": resources,
+        "args": [*builder_args(spec, ids), *extra_args],
+        "resources": _resources(spec),
         "securityContext": _container_security(),
-        "volumeMounts": builder_mounts,
+        "volumeMounts": mounts,
         # A failed build's last log lines (the JSON report) become the termination message the operator reports.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -193,8 +189,99 @@ def build_deployment(
         # Only the builder fetches, so only it sees the keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional
         # AWS_SESSION_TOKEN / AWS_ENDPOINT_URL / AWS_DEFAULT_REGION); `env` below wins over a Secret key of the same
         # name, so the Secret cannot move HOME or the PVC root.
-        init_container["envFrom"] = [{"secretRef": {"name": credentials.secret_name}}]
-    init_container["env"] = builder_env
+        container["envFrom"] = [{"secretRef": {"name": credentials.secret_name}}]
+    container["env"] = env
+    return container, volumes
+
+
+def store_env_from(defaults: OperatorDefaults) -> list[dict[str, Any]]:
+    """The model store's Secret, its keys prefixed (STORE_AWS_ACCESS_KEY_ID ...) so they never meet the source's."""
+    if not defaults.model_store_secret:
+        return []
+    return [{"prefix": STORE_ENV_PREFIX, "secretRef": {"name": defaults.model_store_secret}}]
+
+
+def fetch_container(defaults: OperatorDefaults, key: str, digest: str) -> dict[str, Any]:
+    """Install the revision's built artifact into /models after checking its digest: no build, no TensorFlow."""
+    args = ["fetch-artifact", "--store", defaults.model_store, "--artifact-key", key, "--digest", digest,
+            "--repo", MODELS_DIR, "--json"]  # fmt: skip
+    if defaults.model_store_endpoint:
+        args += ["--store-endpoint", defaults.model_store_endpoint]
+    container: dict[str, Any] = {
+        "name": FETCH_CONTAINER,
+        "image": defaults.fetcher_image,
+        "imagePullPolicy": defaults.image_pull_policy,
+        "command": list(BUILDER_COMMAND),
+        "args": args,
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    env_from = store_env_from(defaults)
+    if env_from:
+        container["envFrom"] = env_from
+    return container
+
+
+def pod_basics(account: str | None) -> dict[str, Any]:
+    """Service account token, environment and security context shared by serving and build pods."""
+    basics: dict[str, Any] = {
+        # Workload identity (a projected token the cloud SDK exchanges) needs the token; otherwise keep it out.
+        "automountServiceAccountToken": account is not None,
+        # Namespaces with many revisions would otherwise inject thousands of env vars.
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRITON_UID,
+            "runAsGroup": TRITON_UID,
+            "fsGroup": TRITON_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if account is not None:
+        basics["serviceAccountName"] = account
+    return basics
+
+
+def placement(spec: RecommenderModelSpec) -> dict[str, Any]:
+    """GPU pods tolerate the GPU taint and run on the spec's GPU product (a TensorRT engine is built where it runs)."""
+    if not spec.serving.resources.gpu:
+        return {}
+    out: dict[str, Any] = {"tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]}
+    if spec.serving.gpu_product:
+        out["nodeSelector"] = {GPU_PRODUCT_LABEL: spec.serving.gpu_product}
+    return out
+
+
+def build_deployment(
+    spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDefaults, *, replicas: int | None = None,
+    artifact: tuple[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """`replicas` replaces spec.serving.replicas (a rollout's split gives the candidate its share); with
+    autoscaling it is ignored: the HorizontalPodAutoscaler's bounds carry the share (build_hpa).
+
+    `artifact` (key, digest): the revision was built once and published to the model store; the pods' init
+    container only fetches and verifies it. Without it every pod builds the model in its init container."""
+    s = spec.serving
+    triton_image = s.triton_image or defaults.triton_image
+    checksum = config_checksum(build_configmap(spec, ids))
+    resources = _resources(spec)
+    model_ready = f"/v2/models/{ids.name}/ready"
+    mounts = [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
+    template_annotations = {CONFIG_CHECKSUM_ANNOTATION: checksum, MODEL_VERSION_ANNOTATION: str(spec.model.version)}
+    # Triton's shared-memory pools live in /dev/shm; the default 64 MiB is too small for large batches.
+    dshm = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
+    if artifact is None:
+        init_container, volumes = builder_container(spec, ids, defaults)
+        volumes.insert(3, dshm)  # after models, tmp and config: the order pod templates have always had
+        credentials = spec.model.credentials
+    else:
+        init_container = fetch_container(defaults, *artifact)
+        volumes = [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}, dshm]
+        template_annotations.update({ARTIFACT_KEY_ANNOTATION: artifact[0], ARTIFACT_DIGEST_ANNOTATION: artifact[1]})
+        credentials = None  # the pods never read the model source: no keys, no workload identity
 
     triton: dict[str, Any] = {
         "name": TRITON_CONTAINER,
@@ -224,28 +311,13 @@ def build_deployment(
 
     account = credentials.service_account_name if credentials is not None else None
     pod_spec: dict[str, Any] = {
-        # Workload identity (a projected token the cloud SDK exchanges) needs the token; otherwise keep it out.
-        "automountServiceAccountToken": account is not None,
-        # Namespaces with many revisions would otherwise inject thousands of env vars.
-        "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRITON_UID,
-            "runAsGroup": TRITON_UID,
-            "fsGroup": TRITON_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        **pod_basics(account),
         "initContainers": [init_container],
         "containers": [triton],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
+        **placement(spec),
     }
-    if account is not None:
-        pod_spec["serviceAccountName"] = account
-    if s.resources.gpu:
-        pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-        if s.gpu_product:
-            pod_spec["nodeSelector"] = {GPU_PRODUCT_LABEL: s.gpu_product}
 
     deployment_spec: dict[str, Any] = {
         "selector": {"matchLabels": revision_selector(ids)},
@@ -256,10 +328,7 @@ def build_deployment(
         "template": {
             "metadata": {
                 "labels": labels(ids),
-                "annotations": {
-                    CONFIG_CHECKSUM_ANNOTATION: checksum,
-                    MODEL_VERSION_ANNOTATION: str(spec.model.version),
-                },
+                "annotations": template_annotations,
             },
             "spec": pod_spec,
         },

@@ -1,0 +1,182 @@
+"""Build once per revision, on real pods: a build Job publishes to the model store, serving pods only fetch.
+
+The chart runs with `modelStore` pointing at a SeaweedFS S3 store in the test namespace (the one
+test_s3_source.py deploys, its identities admitting only the credentials Secret's key). The CTR model comes from
+that store too. A revision is built by one Job on the real node; its pods' init container is the operator image's
+`fetch-artifact` (no TensorFlow, no builder image), which checks the artifact against the digest the build reported.
+A scale-out creates no Job; a failed build creates no Deployment and the stable revision keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+from recserve_operator import conditions as c
+from recserve_operator.names import ARTIFACT_DIGEST_ANNOTATION, BUILDER_CONTAINER, FETCH_CONTAINER, INSTANCE_LABEL
+
+from recserve_cluster import images
+from recserve_cluster.cluster import Cluster
+from tests.helpers import wait_for
+from tests.integration.realpods import (
+    MODEL,
+    apply,
+    get,
+    infer_in_cluster,
+    keras_model,
+    platform_fixture,
+    recommender_model,
+    wait_model_ready,
+)
+from tests.integration.test_s3_source import (
+    BUCKET,
+    CREDENTIALS,
+    KEYS,
+    RESOURCES,
+    S3_CONFIG,
+    S3_PORT,
+    STORE,
+    Store,
+    _create,
+    _input_name,
+    _secret,
+    _upload,
+    _wait_pod,
+    seaweedfs_objects,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.realnode]
+
+
+def _endpoint(ns: str) -> str:
+    return f"http://{STORE}.{ns}.svc.cluster.local:{S3_PORT}"
+
+
+def _store_values(ns: str) -> dict[str, Any]:
+    return {"modelStore": {"url": f"s3://{BUCKET}/artifacts", "endpoint": _endpoint(ns), "secretName": CREDENTIALS}}
+
+
+platform = platform_fixture("t-build-once", _store_values)
+
+
+@pytest.fixture(scope="module")
+def store(cluster: Cluster, platform: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    ns = platform
+    access_key, secret_key = f"recserve{secrets.token_hex(4)}", secrets.token_hex(20)
+    path, x, expected = keras_model(tmp_path_factory.mktemp("model"))
+    creds = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    try:
+        _create(cluster, *seaweedfs_objects(ns, access_key, secret_key), _secret(ns, CREDENTIALS, creds))
+        _wait_pod(cluster, ns, STORE, "Ready", 180)
+        report = _upload(cluster, ns, _endpoint(ns), path)
+        assert set(report["sizes"]) == set(KEYS.values()), report
+        yield Store(ns, _endpoint(ns), access_key, secret_key, "", x, expected)
+    finally:
+        cluster.kubectl("delete", "pod,service", STORE, "-n", ns, "--ignore-not-found", "--wait=false", check=False)
+        cluster.kubectl("delete", "secret", S3_CONFIG, CREDENTIALS, "-n", ns, "--ignore-not-found", check=False)
+
+
+def _model(store: Store, version: int, **model: Any) -> dict[str, Any]:
+    rm = recommender_model(f"s3://{BUCKET}/{KEYS[version]}", version,
+                           model={"endpoint": store.endpoint, "credentials": {"secretRef": {"name": CREDENTIALS}},
+                                  **model},
+                           serving={"resources": RESOURCES})  # fmt: skip
+    return {**rm, "metadata": {"name": MODEL, "namespace": store.namespace}}
+
+
+def _jobs(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
+    return list(get(cluster, "jobs", "-n", ns, "-l", f"{INSTANCE_LABEL}={MODEL}")["items"])
+
+
+def _pods(cluster: Cluster, ns: str, selector: str) -> list[dict[str, Any]]:
+    return list(get(cluster, "pods", "-n", ns, "-l", selector)["items"])
+
+
+def _seconds(state: dict[str, Any]) -> float:
+    t = state["terminated"]
+    started, finished = (datetime.fromisoformat(t[k].replace("Z", "+00:00")) for k in ("startedAt", "finishedAt"))
+    return (finished - started).total_seconds()
+
+
+@pytest.fixture(scope="module")
+def served(cluster: Cluster, store: Store) -> Iterator[dict[str, Any]]:
+    apply(cluster, _model(store, 1))
+    try:
+        yield wait_model_ready(cluster, store.namespace)
+    finally:
+        cluster.kubectl("delete", "recommendermodel", MODEL, "-n", store.namespace, "--ignore-not-found",
+                        "--wait=true", "--timeout=120s", check=False, timeout=150)  # fmt: skip
+
+
+def test_a_revision_is_built_once_by_a_job_and_a_scale_out_only_fetches_the_artifact(
+    cluster: Cluster, store: Store, served: dict[str, Any]
+) -> None:
+    ns, revision = store.namespace, served["status"]["stable"]["revision"]
+    (job,) = _jobs(cluster, ns)
+    assert job["metadata"]["name"] == f"{MODEL}-{revision}-build"
+    assert any(x["type"] == "Complete" and x["status"] == "True" for x in job["status"]["conditions"]), job["status"]
+    (build_pod,) = _pods(cluster, ns, f"job-name={job['metadata']['name']}")
+    (build,) = build_pod["status"]["containerStatuses"]
+    outcome = json.loads(build["state"]["terminated"]["message"])
+    digest = outcome["artifact"]["digest"]
+    assert build["name"] == BUILDER_CONTAINER and len(digest) == 64, outcome
+
+    def serving_pods() -> list[dict[str, Any]]:
+        return [p for p in _pods(cluster, ns, f"recserve.dev/revision={revision},app.kubernetes.io/component=predictor")
+                if not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+
+    (pod,) = serving_pods()
+    (init,) = pod["spec"]["initContainers"]
+    assert init["name"] == FETCH_CONTAINER and init["image"] == images.operator_image(), init
+    assert init["args"][init["args"].index("--digest") + 1] == digest
+    assert pod["metadata"]["annotations"][ARTIFACT_DIGEST_ANNOTATION] == digest
+    assert all(ct["image"] != images.BUILDER for ct in pod["spec"]["containers"] + pod["spec"]["initContainers"])
+    repo = {x["type"]: x for x in served["status"]["conditions"]}[c.MODEL_REPOSITORY_READY]
+    assert (repo["status"], repo["reason"]) == ("True", c.BUILT), repo
+
+    endpoint = served["status"]["endpoints"]["http"]
+    got = infer_in_cluster(cluster, ns, f"{endpoint}/v2/models/{MODEL}/infer", store.x,
+                           _input_name(cluster, ns, pod["metadata"]["name"]))  # fmt: skip
+    assert abs(got - store.expected.reshape(got.shape)).max() < 1e-4
+
+    # Scale out: a new pod fetches; nothing builds.
+    cluster.kubectl("patch", "recommendermodel", MODEL, "-n", ns, "--type=merge",
+                    "-p", json.dumps({"spec": {"serving": {"replicas": 2}}}))  # fmt: skip
+    pods = wait_for(lambda: (ps := serving_pods()) and len(ps) == 2 and all(
+        any(x["type"] == "Ready" and x["status"] == "True" for x in p["status"].get("conditions") or [])
+        for p in ps) and ps, 300, 2, "the second replica to be Ready")  # fmt: skip
+    assert len(_jobs(cluster, ns)) == 1, "a scale-out created a build Job"
+    new = next(p for p in pods if p["metadata"]["name"] != pod["metadata"]["name"])
+    (fetch,) = new["status"]["initContainerStatuses"]
+    assert fetch["name"] == FETCH_CONTAINER and fetch["state"]["terminated"]["exitCode"] == 0, fetch
+    build_s, fetch_s = _seconds(build["state"]), _seconds(fetch["state"])
+    print(f"\nbuild once: the build Job's builder ran {build_s:.1f} s; a scale-out pod's fetch ran {fetch_s:.1f} s "
+          f"({build_s / max(fetch_s, 1.0):.1f}x less than a rebuild per pod)")  # fmt: skip
+    assert fetch_s < build_s
+
+
+def test_a_failed_build_creates_no_deployment_and_the_stable_revision_keeps_serving(
+    cluster: Cluster, store: Store, served: dict[str, Any]
+) -> None:
+    ns, stable = store.namespace, served["status"]["stable"]["revision"]
+    apply(cluster, _model(store, 2, sha256="0" * 64))
+
+    def failed() -> dict[str, Any] | None:
+        st = (get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}
+        repo = {x["type"]: x for x in st.get("conditions") or []}.get(c.MODEL_REPOSITORY_READY) or {}
+        return st if repo.get("reason") == c.BUILD_FAILED else None
+
+    st = wait_for(failed, 300, 3, "the pinned-to-a-wrong-digest version to report BuildFailed")
+    conds = {x["type"]: x for x in st["conditions"]}
+    message = conds[c.MODEL_REPOSITORY_READY]["message"]
+    assert "sha256 mismatch" in message and "kubectl logs job/" in message, message
+    assert (conds[c.READY]["status"], conds[c.READY]["reason"]) == ("True", c.AVAILABLE), conds[c.READY]
+    assert st["stable"]["revision"] == stable
+    deployments = [d["metadata"]["name"] for d in get(cluster, "deployments", "-n", ns, "-l",
+                                                      f"{INSTANCE_LABEL}={MODEL}")["items"]]  # fmt: skip
+    assert deployments == [f"{MODEL}-{stable}"], deployments
+    assert len(_jobs(cluster, ns)) == 2  # the stable's and the failed one (its log stays readable)

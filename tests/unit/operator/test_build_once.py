@@ -1,0 +1,137 @@
+"""Build once per revision (a model store is configured): a Job builds and publishes; serving pods only fetch."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from operator_samples import minimal_spec, model_body
+from recserve_operator.names import ARTIFACT_DIGEST_ANNOTATION, BUILDER_CONTAINER, FETCH_CONTAINER, build_labels
+from recserve_operator.observe import observe_build
+from recserve_operator.reconcile import Reconciler
+from recserve_operator.settings import OperatorDefaults
+from test_operator_reconcile import FakeKube, FakeLive
+
+STORE = OperatorDefaults(model_store="s3://models/artifacts", model_store_endpoint="http://store:8333",
+                         model_store_secret="store-keys", fetcher_image="recserve/operator:test")  # fmt: skip
+DIGEST = "ab" * 32
+SCALED = minimal_spec(serving={"resources": {"gpu": 1}, "gpuProduct": "NVIDIA-A10G", "replicas": 3})
+
+
+@pytest.fixture
+def env() -> tuple[Reconciler, FakeKube, list[tuple[str, str, str]]]:
+    kube = FakeKube()
+    return Reconciler(kube, STORE, FakeLive(kube)), kube, kube.events  # type: ignore[arg-type]
+
+
+def _kinds(kube: FakeKube) -> list[str]:
+    return sorted(k[0] for k in kube.objects)
+
+
+def _condition(kube: FakeKube, type_: str) -> dict[str, Any]:
+    assert kube.status is not None
+    return next(c for c in kube.status["conditions"] if c["type"] == type_)
+
+
+def _finish_build(kube: FakeKube, *, exit_code: int = 0, message: str | None = None) -> str:
+    """The Job's pod ran: the builder exited with `exit_code`, its termination message the outcome."""
+    job = next(o for k, o in kube.objects.items() if k[0] == "Job")
+    key = _arg(job, "--artifact-key")
+    if message is None:
+        message = json.dumps({"status": "ok", "artifact": {"key": key, "digest": DIGEST, "reused": False}})
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    pod = {"kind": "Pod", "metadata": {"name": f"{job['metadata']['name']}-x", "namespace": "shop", "labels": labels},
+           "status": {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [
+               {"name": BUILDER_CONTAINER, "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}}
+    kube.objects[("Pod", "shop", pod["metadata"]["name"])] = pod
+    return key
+
+
+def _arg(job: dict[str, Any], flag: str) -> str:
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    return str(args[args.index(flag) + 1])
+
+
+def test_a_revision_is_built_once_by_a_job_and_its_pods_only_fetch_the_published_artifact(env: Any) -> None:
+    rec, kube, events = env
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    assert "Deployment" not in _kinds(kube) and _kinds(kube).count("Job") == 1
+    job = next(o for k, o in kube.objects.items() if k[0] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["name"] == BUILDER_CONTAINER and "--parity-max-abs-error" in container["args"]
+    assert _arg(job, "--store") == "s3://models/artifacts" and "--reuse" in container["args"]
+    assert {"prefix": "STORE_", "secretRef": {"name": "store-keys"}} in container["envFrom"]
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}
+    assert job["spec"]["backoffLimit"] == 0
+    assert _condition(kube, "ModelRepositoryReady")["reason"] == "Building"
+
+    key = _finish_build(kube)
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    dep = next(o for k, o in kube.objects.items() if k[0] == "Deployment")
+    pod = dep["spec"]["template"]
+    (init,) = pod["spec"]["initContainers"]
+    assert init["name"] == FETCH_CONTAINER and init["image"] == "recserve/operator:test"
+    assert init["args"][init["args"].index("--digest") + 1] == DIGEST
+    assert init["args"][init["args"].index("--artifact-key") + 1] == key
+    assert pod["metadata"]["annotations"][ARTIFACT_DIGEST_ANNOTATION] == DIGEST
+    assert not any(v.get("configMap") or v.get("persistentVolumeClaim") for v in pod["spec"]["volumes"])
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert _condition(kube, "ModelRepositoryReady")["reason"] == "Built"
+
+    # A scale-out (and every later reconcile) builds nothing: same single Job, the Deployment only grows.
+    applies = kube.requests["apply"]
+    rec.reconcile(model_body(SCALED, generation=2), lambda *e: events.append(e))
+    assert _kinds(kube).count("Job") == 1
+    assert next(o for k, o in kube.objects.items() if k[0] == "Deployment")["spec"]["replicas"] == 3
+    rec.reconcile(model_body(SCALED, generation=2), lambda *e: events.append(e))
+    assert kube.requests["apply"] == applies + 1  # the Deployment's scale; the Job is never re-applied
+
+
+def test_a_failed_build_never_creates_the_deployment_and_the_stable_keeps_serving(env: Any) -> None:
+    rec, kube, events = env
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    _finish_build(kube)
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    stable = kube.status["stable"]["revision"]
+    kube.make_available(stable)
+
+    v4 = minimal_spec(model={"uri": "pvc://models/ctr-dnn/4", "format": "keras", "version": 4})
+    rec.reconcile(model_body(v4, generation=2), lambda *e: events.append(e))
+    failure = json.dumps({"status": "failed", "error": "parity gate failed for ctr-dnn (fp32): max abs error 0.3"})
+    for (kind, _, name), obj in list(kube.objects.items()):
+        if kind == "Job" and stable not in name:
+            labels = obj["spec"]["template"]["metadata"]["labels"]
+            kube.objects[("Pod", "shop", f"{name}-y")] = {
+                "kind": "Pod", "metadata": {"name": f"{name}-y", "namespace": "shop", "labels": labels},
+                "status": {"containerStatuses": [{"name": BUILDER_CONTAINER, "state": {
+                    "terminated": {"exitCode": 4, "message": failure}}}]}}
+    rec.reconcile(model_body(v4, generation=2), lambda *e: events.append(e))
+    deployments = [k[2] for k in kube.objects if k[0] == "Deployment"]
+    assert deployments == [f"ctr-dnn-{stable}"]
+    repo = _condition(kube, "ModelRepositoryReady")
+    assert repo["reason"] == "BuildFailed" and "parity gate failed" in repo["message"]
+    assert "kubectl logs job/ctr-dnn-" in repo["message"]
+    assert _condition(kube, "Ready")["status"] == "True" and kube.status["stable"]["revision"] == stable
+
+
+@pytest.mark.parametrize(
+    ("status", "pods", "expected"),
+    [
+        ("no pod yet", [], {"building": True}),
+        ("finished without an outcome (a simulated node)", [{"exitCode": 0, "message": ""}],
+         {"failed": "the build finished without reporting its artifact"}),
+        ("published", [{"exitCode": 0, "message": json.dumps({"artifact": {"key": "k", "digest": DIGEST}})}],
+         {"digest": DIGEST, "key": "k"}),
+        ("failed", [{"exitCode": 3, "message": json.dumps({"error": "S3 object not found"})}],
+         {"failed": "model-repo-builder exited with code 3: S3 object not found"}),
+    ],
+)
+def test_observe_build(status: str, pods: list[dict[str, Any]], expected: dict[str, Any]) -> None:
+    job = {"metadata": {"name": "m-r-build"}, "status": {}}
+    pod_objs = [{"metadata": {"name": "p", "labels": build_labels("m", "r")}, "status": {"containerStatuses": [
+        {"name": BUILDER_CONTAINER, "state": {"terminated": t}}]}} for t in pods]
+    seen = observe_build(job, pod_objs)
+    for field, value in expected.items():
+        got = getattr(seen, field)
+        assert (value in got) if isinstance(value, str) and field == "failed" else got == value, (status, seen)

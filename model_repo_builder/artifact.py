@@ -98,6 +98,10 @@ class Store(Protocol):
 
     def keys(self, prefix: str) -> Iterator[str]: ...
 
+    def modified(self, key: str) -> float:
+        """When the object was last written (seconds since the epoch)."""
+        ...
+
     def delete(self, keys: list[str]) -> None: ...
 
 
@@ -138,6 +142,9 @@ class DirStore:
             for p in sorted(base.rglob("*")):
                 if p.is_file():
                     yield p.relative_to(self.root).as_posix()
+
+    def modified(self, key: str) -> float:
+        return self._path(key).stat().st_mtime
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
@@ -187,6 +194,10 @@ class S3Store:
         for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
                 yield str(obj["Key"])[strip:]
+
+    def modified(self, key: str) -> float:
+        head = self._client().head_object(Bucket=self.bucket, Key=self._key(key))
+        return float(head["LastModified"].timestamp())
 
     def delete(self, keys: list[str]) -> None:
         client = self._client()
@@ -287,14 +298,22 @@ def artifact_of(obj: str) -> str | None:
     return None
 
 
-def collect(store: Store, prefix: str, keep: set[str]) -> list[str]:
-    """Delete every artifact under `prefix` whose key is not in `keep`; returns the keys removed."""
+def collect(store: Store, prefix: str, keep: set[str], *, keep_recent: int = 0) -> list[str]:
+    """Delete every artifact under `prefix` whose key is not in `keep`, sparing the `keep_recent` most recently
+    published of the others (a quick return to a recent revision then fetches instead of rebuilding); returns the
+    keys removed. An artifact without a manifest (a publication cut short) counts as the oldest."""
     by_artifact: dict[str, list[str]] = {}
     for obj in store.keys(prefix):
         key = artifact_of(obj)
         if key is not None:
             by_artifact.setdefault(key, []).append(obj)
-    gone = sorted(k for k in by_artifact if k not in keep)
+    unused = [k for k in by_artifact if k not in keep]
+
+    def published(key: str) -> float:
+        return store.modified(f"{key}/{MANIFEST}") if f"{key}/{MANIFEST}" in by_artifact[key] else 0.0
+
+    spared = set(sorted(unused, key=published, reverse=True)[:max(0, keep_recent)])
+    gone = sorted(k for k in unused if k not in spared)
     for key in gone:
         # The manifest first: a half-deleted artifact is then one nobody can fetch, never one that fails its check.
         objs = sorted(by_artifact[key], key=lambda o: not o.endswith(MANIFEST))

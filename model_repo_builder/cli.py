@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when --store already holds --artifact-key, report it and build nothing")
     b.add_argument("--collect-prefix", help="after publishing, delete the artifacts under this key prefix ...")
     b.add_argument("--keep", action="append", default=[], help="... except these keys (repeatable)")
+    b.add_argument("--keep-recent", type=int, default=0,
+                   help="... and the N most recently published of the others (default 0)")
     b.add_argument("--termination-log", type=Path,
                    help="write the outcome (one JSON line) here too, e.g. /dev/termination-log")
     b.add_argument("--json", action="store_true", help="print the build report as JSON on stdout")
@@ -195,7 +197,8 @@ def _publish(args: argparse.Namespace, store: Any, tree: Path, name: str, versio
     published = publish(tree, store, args.artifact_key, name=name, version=version)
     out: dict[str, Any] = {"key": published.key, "digest": published.digest, "reused": published.reused}
     if args.collect_prefix:
-        out["collected"] = collect(store, args.collect_prefix, {args.artifact_key, *args.keep})
+        out["collected"] = collect(store, args.collect_prefix, {args.artifact_key, *args.keep},
+                                   keep_recent=args.keep_recent)
     return out
 
 

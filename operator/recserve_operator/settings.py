@@ -42,6 +42,8 @@ class OperatorDefaults:
     # The Secret (in each model's namespace) with the store's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
     model_store_secret: str = ""
     fetcher_image: str = DEFAULT_FETCHER_IMAGE
+    # Artifacts no running revision uses that a build keeps (the most recent), so a quick return fetches.
+    model_store_keep: int = 2
 
     @property
     def builds_once(self) -> bool:
@@ -67,6 +69,7 @@ class OperatorDefaults:
             model_store_endpoint=e.get("RECSERVE_MODEL_STORE_ENDPOINT", ""),
             model_store_secret=e.get("RECSERVE_MODEL_STORE_SECRET", ""),
             fetcher_image=e.get("RECSERVE_FETCHER_IMAGE", DEFAULT_FETCHER_IMAGE),
+            model_store_keep=int(e.get("RECSERVE_MODEL_STORE_KEEP", str(cls.model_store_keep))),
         )
 
     def router_placement(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,14 @@ def test_a_real_build_publishes_to_s3_and_the_fetched_tree_equals_the_built_one(
     assert files == sorted(p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file())
     assert all((fetched / f).read_bytes() == (built / f).read_bytes() for f in files)
     assert "1/model.onnx" in files and "1/build.json" in files
+
+
+def test_collect_spares_the_most_recently_published_unused_artifacts(tmp_path: Path) -> None:
+    store = A.open_store(str(tmp_path / "store"))
+    tree = _tree(tmp_path / "build")
+    for i, key in enumerate(("m/a", "m/b", "m/c", "m/d")):
+        A.publish(tree, store, key, name="ctr", version=3)
+        manifest = tmp_path / "store" / key / "artifact.json"
+        os.utime(manifest, (1_000_000 + i, 1_000_000 + i))  # published in this order
+    assert A.collect(store, "m/", {"m/a"}, keep_recent=2) == ["m/b"]
+    assert {A.artifact_of(k) for k in store.keys("m")} == {"m/a", "m/c", "m/d"}

@@ -219,6 +219,29 @@ def test_every_default_in_the_configmap_is_read_by_the_operator(tmp_path: Path) 
     assert not unread, f"ConfigMap keys the operator never reads: {sorted(unread)}"
 
 
+def test_the_model_store_values_reach_the_operator_and_the_fetch_step_defaults_to_the_operator_image(
+    tmp_path: Path,
+) -> None:
+    from recserve_operator.settings import OperatorDefaults
+
+    values = {"modelStore": {"url": "s3://models/artifacts", "endpoint": "http://minio:9000", "secretName": "keys",
+                             "keepUnused": 5}, "image": {"tag": "9.9.9"}}  # fmt: skip
+    objs = render(values, tmp_path)
+    data = next(c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-defaults"))["data"]
+    settings = OperatorDefaults.from_env(data)
+    assert settings.builds_once and settings.model_store == "s3://models/artifacts"
+    assert (settings.model_store_endpoint, settings.model_store_secret, settings.model_store_keep) == (
+        "http://minio:9000", "keys", 5)
+    assert settings.fetcher_image == "ghcr.io/recserve/operator:9.9.9"
+    assert not OperatorDefaults.from_env(next(c for c in by_kind(render({}, tmp_path), "ConfigMap")
+                                              if c["metadata"]["name"].endswith("-defaults"))["data"]).builds_once
+    rules = [r for role in by_kind(objs, "ClusterRole") + by_kind(objs, "Role") for r in role.get("rules", [])]
+    jobs = next(r for r in rules if "jobs" in r["resources"])
+    assert jobs["apiGroups"] == ["batch"] and "create" in jobs["verbs"] and "delete" in jobs["verbs"]
+    with pytest.raises(AssertionError):
+        render({"modelStore": {"url": "file:///models"}}, tmp_path)  # only S3 stores (pods mount no volume)
+
+
 def test_the_grafana_dashboard_queries_triton_gpu_and_operator_metrics(tmp_path: Path) -> None:
     docs = render(VALUE_SETS["all-optional-features"], tmp_path)
     cm = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))

@@ -43,12 +43,13 @@ def build_job(
     """One Job per revision: model-repo-builder with the parity gate, publishing to the model store.
 
     `keep`: artifact keys the model still uses (its other running revisions); the build then deletes the model's
-    other artifacts from the store. A Job's template is immutable, so the operator creates it once and never
-    re-applies it; it goes with its revision.
+    other artifacts from the store but the `model_store_keep` most recent. A Job's template is immutable, so the
+    operator creates it once and never re-applies it; it goes with its revision.
     """
     key = artifact_key(spec, ids, defaults)
     store_args = ["--store", defaults.model_store, "--artifact-key", key, "--reuse",
-                  "--termination-log", TERMINATION_LOG, "--collect-prefix", artifact_prefix(ids)]  # fmt: skip
+                  "--termination-log", TERMINATION_LOG, "--collect-prefix", artifact_prefix(ids),
+                  "--keep-recent", str(defaults.model_store_keep)]  # fmt: skip
     for other in sorted(set(keep) - {key}):
         store_args += ["--keep", other]
     if defaults.model_store_endpoint:

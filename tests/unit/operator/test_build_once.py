@@ -61,6 +61,7 @@ def test_a_revision_is_built_once_by_a_job_and_its_pods_only_fetch_the_published
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["name"] == BUILDER_CONTAINER and "--parity-max-abs-error" in container["args"]
     assert _arg(job, "--store") == "s3://models/artifacts" and "--reuse" in container["args"]
+    assert _arg(job, "--collect-prefix") == "shop/ctr-dnn/" and _arg(job, "--keep-recent") == "2"
     assert {"prefix": "STORE_", "secretRef": {"name": "store-keys"}} in container["envFrom"]
     assert job["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}
     assert job["spec"]["backoffLimit"] == 0

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,26 @@ def _scale(cluster: Cluster, ns: str, replicas: int) -> None:
                     "-p", json.dumps({"spec": {"serving": {"replicas": replicas}}}))  # fmt: skip
 
 
+def _stamp(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _timeline(pod: dict[str, Any]) -> dict[str, float]:
+    """Seconds from the pod's creation to its init step's end, its containers' start and its Ready condition."""
+    created = _stamp(pod["metadata"]["creationTimestamp"])
+    status = pod["status"]
+    init = (status.get("initContainerStatuses") or [{}])[0].get("state", {}).get("terminated") or {}
+    main = ((status.get("containerStatuses") or [{}])[0].get("state") or {}).get("running") or {}
+    ready = next(c["lastTransitionTime"] for c in status["conditions"] if c["type"] == "Ready")
+    out = {"ready": _stamp(ready) - created}
+    if init:
+        out["init_s"] = _stamp(init["finishedAt"]) - _stamp(init["startedAt"])
+        out["init_done"] = _stamp(init["finishedAt"]) - created
+    if main.get("startedAt"):
+        out["main_started"] = _stamp(main["startedAt"]) - created
+    return out
+
+
 def _jobs(cluster: Cluster, ns: str) -> int:
     return len(get(cluster, "jobs", "-n", ns, "-l", f"app.kubernetes.io/instance={MODEL}")["items"])
 
@@ -79,7 +100,9 @@ def measure(cluster: Cluster, tmp: Path, model: Path, *, store: bool, rounds: in
         url = f"s3://{BUCKET}/artifacts" if store else ""
         return {"modelStore": {"url": url, "endpoint": _endpoint(ns), "secretName": CREDENTIALS}}
 
-    with installed_platform(cluster, tmp / ("store" if store else "per-pod"), "b-scale-out", values) as ns:
+    chart_tmp = tmp / ("store" if store else "per-pod")
+    chart_tmp.mkdir()
+    with installed_platform(cluster, chart_tmp, "b-scale-out", values) as ns:
         access, secret = f"recserve{secrets.token_hex(4)}", secrets.token_hex(20)
         _create(cluster, *seaweedfs_objects(ns, access, secret),
                 _secret(ns, CREDENTIALS, {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}))
@@ -92,7 +115,9 @@ def measure(cluster: Cluster, tmp: Path, model: Path, *, store: bool, rounds: in
         wait_model_ready(cluster, ns, timeout=900)
         first_ready_s = time.monotonic() - t0
         jobs_before = _jobs(cluster, ns)
-        times, builder_refs = [], 0
+        times: list[float] = []
+        timelines: list[dict[str, float]] = []
+        builder_refs = 0
         for _ in range(rounds):
             before = {p["metadata"]["name"] for p in _ready_pods(cluster, ns)}
             start = time.monotonic()
@@ -101,6 +126,7 @@ def measure(cluster: Cluster, tmp: Path, model: Path, *, store: bool, rounds: in
                             "the new replica to be Ready")  # fmt: skip
             times.append(time.monotonic() - start)
             new = [p for p in pods if p["metadata"]["name"] not in before]
+            timelines += [_timeline(p) for p in new]
             builder_refs += sum(c["image"] == images.BUILDER for p in new
                                 for c in p["spec"]["containers"] + p["spec"].get("initContainers", []))
             _scale(cluster, ns, 1)
@@ -108,7 +134,7 @@ def measure(cluster: Cluster, tmp: Path, model: Path, *, store: bool, rounds: in
                                      f"app.kubernetes.io/instance={MODEL},{PREDICTORS}")["items"]) == 1, 300, 1,
                      "the scale-in")  # fmt: skip
         return {"mode": "build once (model store)" if store else "rebuild per pod", "first_ready_s": first_ready_s,
-                "scale_out_s": times, "builder_image_refs": builder_refs,
+                "scale_out_s": times, "pod_timelines_s": timelines, "builder_image_refs": builder_refs,
                 "jobs_from_scale_outs": _jobs(cluster, ns) - jobs_before}  # fmt: skip
 
 

@@ -86,6 +86,10 @@ class Manifest:
 
 
 class Store(Protocol):
+    def prepare(self) -> None:
+        """Make the store writable: create its bucket (or directory) when it does not exist yet."""
+        ...
+
     def read(self, key: str) -> bytes | None:
         """The object's bytes, or None when there is none."""
         ...
@@ -113,6 +117,9 @@ class DirStore:
 
     def _path(self, key: str) -> Path:
         return self.root / _safe_relpath(key)
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def read(self, key: str) -> bytes | None:
         path = self._path(key)
@@ -165,6 +172,25 @@ class S3Store:
     def _key(self, key: str) -> str:
         _safe_relpath(key)
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def prepare(self) -> None:
+        """A store the chart runs (or a new bucket) starts empty: the first build creates the bucket."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._client()
+        try:
+            client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) not in ("404", "NoSuchBucket", "NotFound"):
+                raise _store_error(exc, f"s3://{self.bucket}") from exc
+            try:
+                client.create_bucket(Bucket=self.bucket)
+            except ClientError as create:
+                if str(create.response.get("Error", {}).get("Code", "")) not in (
+                    "BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # fmt: skip
+                    raise _store_error(create, f"s3://{self.bucket}") from create
+        except BotoCoreError as exc:
+            raise _store_error(exc, f"s3://{self.bucket}") from exc
 
     def read(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError
@@ -248,6 +274,7 @@ class Published:
 def publish(tree: Path, store: Store, key: str, *, name: str, version: int) -> Published:
     """Upload a built `<name>/` tree under `key`; `artifact.json` goes last, so a reader never sees a part."""
     manifest = Manifest.of_tree(tree, name, version)
+    store.prepare()
     existing = store.read(f"{key}/{MANIFEST}")
     if existing is not None and existing == manifest.to_bytes():
         return Published(key, manifest.digest, reused=True)

@@ -146,3 +146,12 @@ def test_collect_spares_the_most_recently_published_unused_artifacts(tmp_path: P
         os.utime(manifest, (1_000_000 + i, 1_000_000 + i))  # published in this order
     assert A.collect(store, "m/", {"m/a"}, keep_recent=2) == ["m/b"]
     assert {A.artifact_of(k) for k in store.keys("m")} == {"m/a", "m/c", "m/d"}
+
+
+def test_the_first_publication_creates_the_bucket(tmp_path: Path, s3_server: S3Server) -> None:
+    """A store the chart just started is empty: publishing creates its bucket, a second publication reuses it."""
+    bucket = f"fresh-{tmp_path.name.lower().replace('_', '-')}"[:60]
+    store = A.open_store(f"s3://{bucket}/artifacts", s3_server.endpoint)
+    pub = A.publish(_tree(tmp_path / "build"), store, "shop/ctr/a", name="ctr", version=3)
+    assert A.publish(_tree(tmp_path / "again"), store, "shop/ctr/a", name="ctr", version=3).reused
+    assert A.fetch_artifact(store, "shop/ctr/a", pub.digest, tmp_path / "models").is_dir()

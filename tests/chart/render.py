@@ -24,6 +24,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "cluster-mode-two-replicas": {"replicaCount": 2},
     "namespaced-mode": {"watchNamespaces": ["team-a", "team-b"]},
     "namespaced-mode-two-replicas": {"watchNamespaces": ["team-a"], "replicaCount": 2},
+    "embedded-model-store": {"watchNamespaces": ["team-a", "team-b"], "modelStore": {"embedded": {"enabled": True}}},
     "all-optional-features": {
         "replicaCount": 2,
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},

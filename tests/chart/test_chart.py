@@ -188,15 +188,20 @@ def test_one_replica_runs_standalone_and_is_recreated_so_two_operators_never_ove
 
 @pytest.mark.parametrize("name", VALUE_SET_IDS)
 def test_operator_pod_meets_the_restricted_pod_security_standard(name: str, tmp_path: Path) -> None:
-    spec = one(render(VALUE_SETS[name], tmp_path), "Deployment")["spec"]["template"]["spec"]
-    container = spec["containers"][0]
-    sc = container["securityContext"]
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
-    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    """The operator's pod, and every other pod the chart runs (the embedded model store)."""
+    for dep in by_kind(render(VALUE_SETS[name], tmp_path), "Deployment"):
+        spec = dep["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        sc = container["securityContext"]
+        seccomp = sc.get("seccompProfile") or spec["securityContext"].get("seccompProfile")
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"] and seccomp == {"type": "RuntimeDefault"}
+        assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+        assert container["livenessProbe"] and container["readinessProbe"]
+        if not dep["metadata"]["name"].endswith("-model-store"):
+            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def test_changing_a_default_changes_the_pod_template_checksum(tmp_path: Path) -> None:
@@ -240,6 +245,41 @@ def test_the_model_store_values_reach_the_operator_and_the_fetch_step_defaults_t
     assert jobs["apiGroups"] == ["batch"] and "create" in jobs["verbs"] and "delete" in jobs["verbs"]
     with pytest.raises(AssertionError):
         render({"modelStore": {"url": "file:///models"}}, tmp_path)  # only S3 stores (pods mount no volume)
+
+
+def test_the_embedded_store_gives_each_watched_namespace_its_keys_and_becomes_the_operators_store(
+    tmp_path: Path,
+) -> None:
+    from recserve_operator.settings import OperatorDefaults
+
+    objs = render({"watchNamespaces": ["team-a", "team-b"], "modelStore": {"embedded": {"enabled": True}}}, tmp_path)
+    secrets = {(s["metadata"]["namespace"], s["metadata"]["name"]): s["stringData"] for s in by_kind(objs, "Secret")}
+    store = secrets[("recserve-system", "rs-recserve-model-store")]
+    for ns in ("team-a", "team-b"):
+        keys = secrets[(ns, "recserve-model-store")]
+        assert keys == {k: store[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    identity = json.loads(store["s3.json"])["identities"][0]["credentials"][0]
+    assert identity == {"accessKey": store["AWS_ACCESS_KEY_ID"], "secretKey": store["AWS_SECRET_ACCESS_KEY"]}
+    data = next(c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-defaults"))["data"]
+    settings = OperatorDefaults.from_env(data)
+    assert settings.model_store == "s3://recserve-models/artifacts"
+    assert settings.model_store_endpoint == "http://rs-recserve-model-store.recserve-system.svc.cluster.local:8333"
+    assert settings.model_store_secret == "recserve-model-store"
+    dep = next(d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "rs-recserve-model-store")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    assert not any("env" in c or "envFrom" in c for c in pod["containers"]), "keys reach the store as a file only"
+    claim = one(objs, "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    with pytest.raises(AssertionError, match=r"modelStore\.embedded needs watchNamespaces"):
+        render({"modelStore": {"embedded": {"enabled": True}}}, tmp_path)
+
+
+def test_the_embedded_store_image_is_the_seaweedfs_the_tests_build() -> None:
+    from recserve_cluster import images
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["modelStore"]["embedded"]["image"] == images.seaweedfs().ref
 
 
 def test_the_grafana_dashboard_queries_triton_gpu_and_operator_metrics(tmp_path: Path) -> None:

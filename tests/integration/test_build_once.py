@@ -1,16 +1,16 @@
 """Build once per revision, on real pods: a build Job publishes to the model store, serving pods only fetch.
 
-The chart runs with `modelStore` pointing at a SeaweedFS S3 store in the test namespace (the one
-test_s3_source.py deploys, its identities admitting only the credentials Secret's key). The CTR model comes from
-that store too. A revision is built by one Job on the real node; its pods' init container is the operator image's
-`fetch-artifact` (no TensorFlow, no builder image), which checks the artifact against the digest the build reported.
+The chart runs its embedded model store (`modelStore.embedded`: SeaweedFS in the release namespace, admitting
+only the keys the chart generated and put, as a Secret, in the watched namespace). The CTR model is uploaded to
+that store too, with those keys. A revision is built by one Job on the real node; its pods' init container is the
+operator image's `fetch-artifact` (no TensorFlow, no builder image), which checks the artifact against the digest
+the build reported.
 A scale-out creates no Job; a failed build creates no Deployment and the stable revision keeps serving.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -32,52 +32,36 @@ from tests.integration.realpods import (
     recommender_model,
     wait_model_ready,
 )
-from tests.integration.test_s3_source import (
-    BUCKET,
-    CREDENTIALS,
-    KEYS,
-    RESOURCES,
-    S3_CONFIG,
-    S3_PORT,
-    STORE,
-    Store,
-    _create,
-    _input_name,
-    _secret,
-    _upload,
-    _wait_pod,
-    seaweedfs_objects,
-)
+from tests.integration.test_s3_source import BUCKET, CREDENTIALS, KEYS, RESOURCES, Store, _input_name, _upload
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
 
 
-def _endpoint(ns: str) -> str:
-    return f"http://{STORE}.{ns}.svc.cluster.local:{S3_PORT}"
-
-
 def _store_values(ns: str) -> dict[str, Any]:
-    return {"modelStore": {"url": f"s3://{BUCKET}/artifacts", "endpoint": _endpoint(ns), "secretName": CREDENTIALS}}
+    embedded = {"enabled": True, "image": images.seaweedfs().ref, "persistence": {"enabled": False, "size": "1Gi"}}
+    return {"modelStore": {"embedded": embedded, "secretName": CREDENTIALS}}
 
 
 platform = platform_fixture("t-build-once", _store_values)
 
 
 @pytest.fixture(scope="module")
-def store(cluster: Cluster, platform: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def store(cluster: Cluster, platform: str, tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """The chart's store, as the operator was told of it (its defaults ConfigMap); the CTR model uploaded."""
     ns = platform
-    access_key, secret_key = f"recserve{secrets.token_hex(4)}", secrets.token_hex(20)
+    defaults = next(c for c in get(cluster, "configmaps", "-n", f"{ns}-system")["items"]
+                    if c["metadata"]["name"].endswith("-defaults"))["data"]  # fmt: skip
+    endpoint = defaults["RECSERVE_MODEL_STORE_ENDPOINT"]
+    assert defaults["RECSERVE_MODEL_STORE"] == "s3://recserve-models/artifacts", defaults
+    assert endpoint.startswith("http://") and f".{ns}-system.svc." in endpoint, endpoint
+    keys = get(cluster, "secret", CREDENTIALS, "-n", ns)
+    assert keys is not None, "the chart put the store's keys in the watched namespace"
     path, x, expected = keras_model(tmp_path_factory.mktemp("model"))
-    creds = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
-    try:
-        _create(cluster, *seaweedfs_objects(ns, access_key, secret_key), _secret(ns, CREDENTIALS, creds))
-        _wait_pod(cluster, ns, STORE, "Ready", 180)
-        report = _upload(cluster, ns, _endpoint(ns), path)
-        assert set(report["sizes"]) == set(KEYS.values()), report
-        yield Store(ns, _endpoint(ns), access_key, secret_key, "", x, expected)
-    finally:
-        cluster.kubectl("delete", "pod,service", STORE, "-n", ns, "--ignore-not-found", "--wait=false", check=False)
-        cluster.kubectl("delete", "secret", S3_CONFIG, CREDENTIALS, "-n", ns, "--ignore-not-found", check=False)
+    report = _upload(cluster, ns, endpoint, path)
+    assert set(report["sizes"]) == set(KEYS.values()), report
+    # Only the chart's keys get in: a wrong secret and an unsigned request are refused.
+    assert report["wrong_secret"] == "403" and report["anonymous"] == "403", report
+    return Store(ns, endpoint, "", "", "", x, expected)
 
 
 def _model(store: Store, version: int, **model: Any) -> dict[str, Any]:

@@ -113,3 +113,22 @@ app.kubernetes.io/part-of: recserve
 {{- define "recserve.adapterRulesName" -}}
 {{- default (printf "%s-prometheus-adapter-rules" (include "recserve.fullname" .) | trunc 63 | trimSuffix "-") .Values.metricsAdapter.rules.name }}
 {{- end }}
+
+{{/* The model store the operator publishes to: modelStore.url, or the embedded store's bucket. */}}
+{{- define "recserve.modelStore.url" -}}
+{{- if .Values.modelStore.url }}{{ .Values.modelStore.url }}
+{{- else if .Values.modelStore.embedded.enabled }}s3://recserve-models/artifacts
+{{- end }}
+{{- end }}
+
+{{- define "recserve.modelStore.endpoint" -}}
+{{- if .Values.modelStore.endpoint }}{{ .Values.modelStore.endpoint }}
+{{- else if and .Values.modelStore.embedded.enabled (not .Values.modelStore.url) }}
+{{- printf "http://%s-model-store.%s.svc.%s:8333" (include "recserve.fullname" .) .Release.Namespace .Values.defaults.clusterDomain }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret, in each model namespace, with the store's keys. */}}
+{{- define "recserve.modelStore.secret" -}}
+{{- default (ternary "recserve-model-store" "" .Values.modelStore.embedded.enabled) .Values.modelStore.secretName }}
+{{- end }}

@@ -198,7 +198,8 @@ class S3Store:
         try:
             body: bytes = self._client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
+            # A bucket not created yet (a store the chart just started) holds nothing either.
+            if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
                 return None
             raise _store_error(exc, f"s3://{self.bucket}/{self._key(key)}") from exc
         return body

@@ -152,6 +152,7 @@ def test_the_first_publication_creates_the_bucket(tmp_path: Path, s3_server: S3S
     """A store the chart just started is empty: publishing creates its bucket, a second publication reuses it."""
     bucket = f"fresh-{tmp_path.name.lower().replace('_', '-')}"[:60]
     store = A.open_store(f"s3://{bucket}/artifacts", s3_server.endpoint)
+    assert store.read("shop/ctr/a/artifact.json") is None  # what `build --reuse` asks first
     pub = A.publish(_tree(tmp_path / "build"), store, "shop/ctr/a", name="ctr", version=3)
     assert A.publish(_tree(tmp_path / "again"), store, "shop/ctr/a", name="ctr", version=3).reused
     assert A.fetch_artifact(store, "shop/ctr/a", pub.digest, tmp_path / "models").is_dir()

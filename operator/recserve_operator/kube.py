@@ -40,6 +40,7 @@ RESOURCES: dict[str, Resource] = {
         Resource("v1", "ConfigMap", "configmaps"),
         Resource("v1", "Service", "services"),
         Resource("v1", "Pod", "pods"),
+        Resource("v1", "Secret", "secrets"),
         Resource("apps/v1", "Deployment", "deployments"),
         Resource("batch/v1", "Job", "jobs"),
         Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kubernetes.client.exceptions import ApiException
 from kubernetes.utils.quantity import parse_quantity
 
 from recserve_operator import conditions as c
@@ -26,7 +27,8 @@ from recserve_operator.builders.job import build_job
 from recserve_operator.builders.pdb import build_pdb
 from recserve_operator.builders.service import build_revision_service, build_stable_service
 from recserve_operator.builders.servicemonitor import build_servicemonitor
-from recserve_operator.kube import Kube, resource_of
+from recserve_operator.builders.store import StoreKeysMissing, store_keys_secret
+from recserve_operator.kube import RESOURCES, Kube, resource_of
 from recserve_operator.lifecycle import RouterObservation, TrafficDecision, router_serves
 from recserve_operator.names import (
     ARTIFACT_DIGEST_ANNOTATION,
@@ -96,6 +98,7 @@ class Reconciler:
     _providers: dict[str, MetricsProvider] = field(default_factory=dict)
     _verified: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict)
     _routes_dropped: set[str] = field(default_factory=set)  # models (uid) asked to drop an HTTPRoute this run
+    _store_source: tuple[float, dict[str, Any] | None] = (-_DISCOVERY_TTL_S, None)  # (read at, source Secret)
 
     def lock_for(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -310,9 +313,37 @@ class Reconciler:
         if not self.defaults.builds_once:
             return [build_deployment(spec, ids, self.defaults, replicas=replicas)]
         artifact = self._artifact(ids, self.live.owned("Pod", ids.namespace, ids.name))
+        keys = self._store_keys(ids.namespace)
         if artifact is None:
-            return [build_job(spec, ids, self.defaults, keep=self._artifacts_in_use(ids))]
-        return [build_deployment(spec, ids, self.defaults, replicas=replicas, artifact=artifact)]
+            return [*keys, build_job(spec, ids, self.defaults, keep=self._artifacts_in_use(ids))]
+        return [*keys, build_deployment(spec, ids, self.defaults, replicas=replicas, artifact=artifact)]
+
+    def _store_keys(self, namespace: str) -> list[dict[str, Any]]:
+        """The store's keys copied into the model's namespace, when the operator is the one that puts them there
+        (cluster mode with the chart's embedded store). The source is re-read at most every few minutes; without
+        it nothing is copied and the build's pod says which Secret it misses."""
+        source = self.defaults.store_secret_source
+        if source is None:
+            return []
+        read_at, secret = self._store_source
+        if time.monotonic() - read_at > _DISCOVERY_TTL_S:
+            try:
+                secret = self.kube.get(RESOURCES["Secret"], *source)
+            except ApiException as exc:
+                logger.warning("Cannot read the model store's keys Secret %s/%s: %s %s", *source, exc.status,
+                               exc.reason)  # fmt: skip
+                secret = None
+            if secret is None:
+                logger.warning("The model store's keys Secret %s/%s is missing: no copy for namespace %s",
+                               *source, namespace)  # fmt: skip
+            self._store_source = (time.monotonic(), secret)
+        if secret is None:
+            return []
+        try:
+            return [store_keys_secret(namespace, self.defaults.model_store_secret, secret)]
+        except StoreKeysMissing as exc:
+            logger.warning("%s: no copy for namespace %s", exc, namespace)
+            return []
 
     def _desired_revision(
         self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision

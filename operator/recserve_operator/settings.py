@@ -41,13 +41,32 @@ class OperatorDefaults:
     model_store_endpoint: str = ""  # S3 endpoint of a non-AWS store
     # The Secret (in each model's namespace) with the store's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
     model_store_secret: str = ""
+    # "namespace/name" of a Secret holding those keys that the operator copies, as model_store_secret, into each
+    # model's namespace before its build (cluster mode with the chart's embedded store: the chart cannot know the
+    # namespaces). Empty: model_store_secret is put in each namespace by someone else (the chart, in namespaced
+    # mode, or the user).
+    model_store_secret_source: str = ""
     fetcher_image: str = DEFAULT_FETCHER_IMAGE
     # Artifacts no running revision uses that a build keeps (the most recent), so a quick return fetches.
     model_store_keep: int = 2
 
+    def __post_init__(self) -> None:
+        source = self.model_store_secret_source
+        if source and (source.count("/") != 1 or not all(source.split("/")) or not self.model_store_secret):
+            raise ValueError(f"RECSERVE_MODEL_STORE_SECRET_SOURCE must be namespace/name, with "
+                             f"RECSERVE_MODEL_STORE_SECRET naming the copies, got {source!r}")  # fmt: skip
+
     @property
     def builds_once(self) -> bool:
         return bool(self.model_store)
+
+    @property
+    def store_secret_source(self) -> tuple[str, str] | None:
+        """(namespace, name) of the keys Secret the operator copies into model namespaces, if it does."""
+        if not self.model_store_secret_source:
+            return None
+        namespace, name = self.model_store_secret_source.split("/")
+        return namespace, name
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorDefaults:
@@ -68,6 +87,7 @@ class OperatorDefaults:
             model_store=e.get("RECSERVE_MODEL_STORE", ""),
             model_store_endpoint=e.get("RECSERVE_MODEL_STORE_ENDPOINT", ""),
             model_store_secret=e.get("RECSERVE_MODEL_STORE_SECRET", ""),
+            model_store_secret_source=e.get("RECSERVE_MODEL_STORE_SECRET_SOURCE", "").strip(),
             fetcher_image=e.get("RECSERVE_FETCHER_IMAGE", DEFAULT_FETCHER_IMAGE),
             model_store_keep=int(e.get("RECSERVE_MODEL_STORE_KEEP", str(cls.model_store_keep))),
         )

@@ -24,7 +24,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "cluster-mode-two-replicas": {"replicaCount": 2},
     "namespaced-mode": {"watchNamespaces": ["team-a", "team-b"]},
     "namespaced-mode-two-replicas": {"watchNamespaces": ["team-a"], "replicaCount": 2},
-    "embedded-model-store": {"watchNamespaces": ["team-a", "team-b"], "modelStore": {"embedded": {"enabled": True}}},
+    "namespaced-mode-embedded-store-on-an-emptydir": {
+        "watchNamespaces": ["team-a", "team-b"], "modelStore": {"embedded": {"persistence": {"enabled": False}}}},
+    "no-model-store": {"modelStore": {"embedded": {"enabled": False}}},
     "all-optional-features": {
         "replicaCount": 2,
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
@@ -78,7 +80,11 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d.get("kind") == kind]
 
 
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = by_kind(docs, kind)
+def one(docs: list[dict[str, Any]], kind: str, *, store: bool = False) -> dict[str, Any]:
+    """The one object of `kind` the operator's part of the chart renders (store=True: the embedded model
+    store's, which is on by default)."""
+    found = [d for d in by_kind(docs, kind)
+             if (((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") == "model-store")
+             == store]  # fmt: skip
     assert len(found) == 1, f"expected one {kind}, rendered {len(found)}"
     return found[0]

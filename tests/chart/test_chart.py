@@ -134,14 +134,25 @@ def _rules(docs: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("name", VALUE_SET_IDS)
-def test_rbac_has_no_wildcards_no_secrets_and_no_update(name: str, tmp_path: Path) -> None:
-    rules = _rules(render(VALUE_SETS[name], tmp_path))
+def test_rbac_has_no_wildcards_no_update_and_no_secrets_but_the_store_keys_copy(name: str, tmp_path: Path) -> None:
+    """The one Secret rule: in cluster mode with the embedded store, the operator reads the store's keys in the
+    release namespace and writes their copy, by that one name, into model namespaces. Never a list or a watch."""
+    values = VALUE_SETS[name]
+    rules = _rules(render(values, tmp_path))
     assert rules
+    copies = not values.get("watchNamespaces") and (values.get("modelStore") or {}).get("embedded") != {
+        "enabled": False}  # fmt: skip
+    secret_rules = []
     for kind, role, rule in rules:
         fields = rule.get("apiGroups", []) + rule.get("resources", []) + rule.get("verbs", [])
         assert "*" not in fields and not any("*" in f for f in fields), (kind, role, rule)
-        assert "secrets" not in rule.get("resources", []), (kind, role, rule)
         assert not {"update", "escalate", "bind", "impersonate"} & set(rule["verbs"]), (kind, role, rule)
+        if "secrets" in rule.get("resources", []):
+            assert rule["resources"] == ["secrets"] and len(rule.get("resourceNames") or []) == 1, (role, rule)
+            secret_rules.append((kind, rule["resourceNames"][0], sorted(rule["verbs"])))
+    expected = [("ClusterRole", "recserve-model-store", ["create", "get", "patch"]),
+                ("Role", "rs-recserve-model-store", ["get"])] if copies else []  # fmt: skip
+    assert sorted(secret_rules) == expected, secret_rules
 
 
 def test_namespaced_mode_writes_only_inside_the_watched_namespaces(tmp_path: Path) -> None:
@@ -160,7 +171,8 @@ def test_namespaced_mode_writes_only_inside_the_watched_namespaces(tmp_path: Pat
 
 def test_cluster_mode_uses_a_cluster_role_and_all_namespaces(tmp_path: Path) -> None:
     docs = render({}, tmp_path)
-    assert not by_kind(docs, "Role")
+    # The only Role: reading the embedded store's keys in the release namespace (to copy them; see below).
+    assert [r["metadata"]["name"] for r in by_kind(docs, "Role")] == ["rs-recserve-model-store-keys"]
     operator_role = next(d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"].endswith("-operator"))
     granted = {(g, r) for rule in operator_role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert ("recserve.dev", "recommendermodels/status") in granted and ("apps", "deployments") in granted
@@ -238,8 +250,14 @@ def test_the_model_store_values_reach_the_operator_and_the_fetch_step_defaults_t
     assert (settings.model_store_endpoint, settings.model_store_secret, settings.model_store_keep) == (
         "http://minio:9000", "keys", 5)
     assert settings.fetcher_image == "ghcr.io/recserve/operator:9.9.9"
-    assert not OperatorDefaults.from_env(next(c for c in by_kind(render({}, tmp_path), "ConfigMap")
-                                              if c["metadata"]["name"].endswith("-defaults"))["data"]).builds_once
+    def settings_of(values: dict[str, Any]) -> OperatorDefaults:
+        return OperatorDefaults.from_env(next(c for c in by_kind(render(values, tmp_path), "ConfigMap")
+                                              if c["metadata"]["name"].endswith("-defaults"))["data"])  # fmt: skip
+
+    assert settings_of({}).builds_once  # the embedded store, by default
+    assert not settings_of({"modelStore": {"embedded": {"enabled": False}}}).builds_once
+    # A store of one's own: the embedded one, if still enabled, is not what the operator publishes to.
+    assert settings.model_store_secret_source == ""
     rules = [r for role in by_kind(objs, "ClusterRole") + by_kind(objs, "Role") for r in role.get("rules", [])]
     jobs = next(r for r in rules if "jobs" in r["resources"])
     assert jobs["apiGroups"] == ["batch"] and "create" in jobs["verbs"] and "delete" in jobs["verbs"]
@@ -252,7 +270,7 @@ def test_the_embedded_store_gives_each_watched_namespace_its_keys_and_becomes_th
 ) -> None:
     from recserve_operator.settings import OperatorDefaults
 
-    objs = render({"watchNamespaces": ["team-a", "team-b"], "modelStore": {"embedded": {"enabled": True}}}, tmp_path)
+    objs = render({"watchNamespaces": ["team-a", "team-b"]}, tmp_path)  # the embedded store is the default
     secrets = {(s["metadata"]["namespace"], s["metadata"]["name"]): s["stringData"] for s in by_kind(objs, "Secret")}
     store = secrets[("recserve-system", "rs-recserve-model-store")]
     for ns in ("team-a", "team-b"):
@@ -269,10 +287,36 @@ def test_the_embedded_store_gives_each_watched_namespace_its_keys_and_becomes_th
     pod = dep["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] and pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
     assert not any("env" in c or "envFrom" in c for c in pod["containers"]), "keys reach the store as a file only"
-    claim = one(objs, "PersistentVolumeClaim")
+    claim = one(objs, "PersistentVolumeClaim", store=True)
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    with pytest.raises(AssertionError, match=r"modelStore\.embedded needs watchNamespaces"):
-        render({"modelStore": {"embedded": {"enabled": True}}}, tmp_path)
+    assert settings.model_store_secret_source == ""  # the chart put the keys in each namespace
+    policy = next(p for p in by_kind(objs, "NetworkPolicy") if p["metadata"]["name"] == "rs-recserve-model-store")
+    (source,) = policy["spec"]["ingress"][0]["from"]
+    assert source["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a", "team-b"]
+
+
+def test_in_cluster_mode_the_operator_copies_the_embedded_stores_keys_into_model_namespaces(tmp_path: Path) -> None:
+    from recserve_operator.settings import OperatorDefaults
+
+    objs = render({}, tmp_path)
+    secrets = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in by_kind(objs, "Secret")}
+    assert secrets == {("recserve-system", "rs-recserve-model-store")}  # no namespace list to put copies in
+    data = next(c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-defaults"))["data"]
+    settings = OperatorDefaults.from_env(data)
+    assert settings.store_secret_source == ("recserve-system", "rs-recserve-model-store")
+    assert settings.model_store_secret == "recserve-model-store"
+    (role,) = [r for r in by_kind(objs, "Role") if r["metadata"]["namespace"] == "recserve-system"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["rs-recserve-model-store"],
+                              "verbs": ["get"]}]  # fmt: skip
+    (binding,) = [b for b in by_kind(objs, "RoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"]]
+    assert binding["subjects"][0]["name"] == "rs-recserve"
+    policy = next(p for p in by_kind(objs, "NetworkPolicy") if p["metadata"]["name"] == "rs-recserve-model-store")
+    (source,) = policy["spec"]["ingress"][0]["from"]
+    pods = {"matchLabels": {"app.kubernetes.io/name": "recserve-triton"}}  # build and serving pods, any namespace
+    assert source == {"namespaceSelector": {}, "podSelector": pods}
+    # With a store of one's own, nothing is copied: the user puts secretName in each namespace.
+    own = render({"modelStore": {"url": "s3://b/p", "secretName": "keys"}}, tmp_path)
+    assert not [r for r in _rules(own) if "secrets" in r[2]["resources"]]
 
 
 def test_the_embedded_store_image_is_the_seaweedfs_the_tests_build() -> None:

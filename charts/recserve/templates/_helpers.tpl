@@ -128,6 +128,14 @@ app.kubernetes.io/part-of: recserve
 {{- end }}
 {{- end }}
 
+{{/* "namespace/name" of the Secret the operator copies into model namespaces: the embedded store's keys, in
+cluster mode (the chart cannot know the namespaces). Empty otherwise. */}}
+{{- define "recserve.modelStore.secretSource" -}}
+{{- if and .Values.modelStore.embedded.enabled (not .Values.modelStore.url) (include "recserve.clusterMode" .) }}
+{{- .Release.Namespace }}/{{ printf "%s-model-store" (include "recserve.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
 {{/* The Secret, in each model namespace, with the store's keys. */}}
 {{- define "recserve.modelStore.secret" -}}
 {{- default (ternary "recserve-model-store" "" .Values.modelStore.embedded.enabled) .Values.modelStore.secretName }}

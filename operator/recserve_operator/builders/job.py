@@ -9,6 +9,7 @@ from typing import Any
 
 from recserve_operator.builders.common import Ids, owner_reference
 from recserve_operator.builders.deployment import (
+    GPU_RESOURCE,
     builder_container,
     placement,
     pod_basics,
@@ -37,6 +38,16 @@ def artifact_key(spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDefault
     return f"{artifact_prefix(ids)}{ids.revision}-{hashlib.sha256(images.encode()).hexdigest()[:8]}"
 
 
+def build_resources(spec: RecommenderModelSpec, serving: dict[str, Any]) -> dict[str, Any]:
+    """A TensorRT engine is built on the GPU it will run on, so that build holds one GPU of the spec's product.
+    Every other build (ONNX conversion, quantization, the parity gate on ONNX Runtime's CPU provider) runs on
+    the node's CPU: it must not wait for, or take, a GPU the serving pods hold (a full node would never build)."""
+    if spec.resolved_backend == "tensorrt":
+        return copy.deepcopy(serving)
+    return {part: {k: v for k, v in (serving.get(part) or {}).items() if k != GPU_RESOURCE}
+            for part in ("requests", "limits")}  # fmt: skip
+
+
 def build_job(
     spec: RecommenderModelSpec, ids: Ids, defaults: OperatorDefaults, *, keep: Iterable[str] = ()
 ) -> dict[str, Any]:
@@ -56,6 +67,7 @@ def build_job(
         store_args += ["--store-endpoint", defaults.model_store_endpoint]
     container, volumes = builder_container(spec, ids, defaults, extra_args=tuple(store_args))
     container["envFrom"] = [*container.get("envFrom", []), *store_env_from(defaults)]
+    container["resources"] = build_resources(spec, container["resources"])
     credentials = spec.model.credentials
     labels = build_labels(ids.name, ids.revision)
     meta = {"name": build_job_name(ids.name, ids.revision), "namespace": ids.namespace, "labels": labels,

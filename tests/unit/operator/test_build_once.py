@@ -136,3 +136,73 @@ def test_observe_build(status: str, pods: list[dict[str, Any]], expected: dict[s
     for field, value in expected.items():
         got = getattr(seen, field)
         assert (value in got) if isinstance(value, str) and field == "failed" else got == value, (status, seen)
+
+
+def test_only_a_tensorrt_build_holds_a_gpu_and_every_build_runs_on_the_target_product(env: Any) -> None:
+    """An ONNX Runtime build (conversion, parity gate on the CPU provider) must not wait for a GPU that serving
+    pods hold; a TensorRT engine is built on the GPU it will run on."""
+    rec, kube, events = env
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    job = next(o for k, o in kube.objects.items() if k[0] == "Job")
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in resources["requests"] and "nvidia.com/gpu" not in resources["limits"]
+    assert resources["requests"]["cpu"] and resources["limits"]["memory"]
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}
+
+    trt = minimal_spec(optimize={"backend": "tensorrt", "precision": "fp16"},
+                       serving={"resources": {"gpu": 1}, "gpuProduct": "NVIDIA-A10G", "instances": {"kind": "GPU"}})
+    rec.reconcile(model_body(trt, name="ctr-trt"), lambda *e: events.append(e))
+    job = next(o for k, o in kube.objects.items() if k[0] == "Job" and k[2].startswith("ctr-trt-"))
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
+
+
+SOURCE = {"kind": "Secret", "metadata": {"name": "recserve-model-store", "namespace": "recserve-system"},
+          "data": {"AWS_ACCESS_KEY_ID": "a2V5", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0", "s3.json": "e30="}}  # fmt: skip
+MIRRORING = OperatorDefaults(model_store="s3://recserve-models/artifacts", model_store_secret="recserve-model-store",
+                             model_store_secret_source="recserve-system/recserve-model-store")  # fmt: skip
+
+
+def test_in_cluster_mode_the_store_keys_are_copied_into_the_models_namespace_before_its_build() -> None:
+    kube = FakeKube()
+    kube.objects[("Secret", "recserve-system", "recserve-model-store")] = SOURCE
+    rec = Reconciler(kube, MIRRORING, FakeLive(kube))  # type: ignore[arg-type]
+    rec.reconcile(model_body(minimal_spec()), lambda *e: None)
+    copy = kube.objects[("Secret", "shop", "recserve-model-store")]
+    assert copy["data"] == {"AWS_ACCESS_KEY_ID": "a2V5", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}  # not the identities
+    assert copy["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "recserve"
+    assert "ownerReferences" not in copy["metadata"]  # shared by the namespace's models
+    job = next(o for k, o in kube.objects.items() if k[0] == "Job")
+    envs = job["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert {"prefix": "STORE_", "secretRef": {"name": "recserve-model-store"}} in envs
+    # Applied before the Job (the pod would otherwise start without its keys), and not re-applied every loop:
+    # the source and the copy are re-read at most every few minutes.
+    order = [k for k in kube.objects if k[0] in ("Secret", "Job") and k[1] == "shop"]
+    assert order[0][0] == "Secret"
+    gets, applies = kube.requests["get"], kube.requests["apply"]
+    for _ in range(3):
+        rec.reconcile(model_body(minimal_spec()), lambda *e: None)
+    assert kube.requests["get"] == gets and kube.requests["apply"] == applies
+
+
+@pytest.mark.parametrize("source", [None, {"metadata": {"name": "s", "namespace": "n"}, "data": {}}],
+                         ids=["missing", "without keys"])  # fmt: skip
+def test_without_a_usable_source_secret_nothing_is_copied_and_the_build_still_starts(
+    source: dict[str, Any] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = FakeKube()
+    if source is not None:
+        kube.objects[("Secret", "recserve-system", "recserve-model-store")] = source
+    rec = Reconciler(kube, MIRRORING, FakeLive(kube))  # type: ignore[arg-type]
+    rec.reconcile(model_body(minimal_spec()), lambda *e: None)
+    assert ("Secret", "shop", "recserve-model-store") not in kube.objects
+    assert any(k[0] == "Job" for k in kube.objects)  # its pod reports the missing Secret
+    assert "model store's keys" in caplog.text or "has no AWS_ACCESS_KEY_ID" in caplog.text
+
+
+@pytest.mark.parametrize("source", ["recserve-model-store", "a/b/c", "/name", "ns/"])
+def test_a_secret_source_must_be_namespace_slash_name(source: str) -> None:
+    with pytest.raises(ValueError, match="namespace/name"):
+        OperatorDefaults(model_store="s3://b", model_store_secret="keys", model_store_secret_source=source)
+    with pytest.raises(ValueError, match="namespace/name"):
+        OperatorDefaults(model_store="s3://b", model_store_secret_source="ns/name")  # no copy name

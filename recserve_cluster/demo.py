@@ -1,12 +1,13 @@
 """The local demo: cluster, chart, operator, a trained CTR model served by Triton, then a canary to promotion.
 
-Everything runs in the cluster, on real pods on the node real-0: the chart's operator Deployment, each
-revision's builder init container (it converts the Keras model it reads from a PersistentVolumeClaim and
-checks parity) and Triton, the builtin router's nginx pods, and Prometheus (through Prometheus Operator)
-scraping what the operator's ServiceMonitor selects. The operator decides every canary step from those
-series. Shoppers run in a pod (recserve_cluster.shoppers) and reach the router by Service DNS; their click
-counters feed the dashboard's click-through panel. The recommendations printed here come from this machine
-through `kubectl proxy` (a port bound to 127.0.0.1) and the API server's Service proxy to the router.
+Everything runs in the cluster, on real pods on the node real-0: the chart's operator Deployment and its
+embedded model store, each revision's build Job (it converts the Keras model it reads from a
+PersistentVolumeClaim, checks parity and publishes the artifact once), Triton pods that only fetch it, the
+builtin router's nginx pods, and Prometheus (through Prometheus Operator) scraping what the operator's
+ServiceMonitor selects. The operator decides every canary step from those series. Shoppers run in a pod
+(recserve_cluster.shoppers) and reach the router by Service DNS; their click counters feed the dashboard's
+click-through panel. The recommendations printed here come from this machine through `kubectl proxy` (a port
+bound to 127.0.0.1) and the API server's Service proxy to the router.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def chart_values() -> dict[str, Any]:
             # The operator's own metrics (reconciles, API writes, rollouts) for the dashboard's operator panels.
             "metrics": {"service": {"enabled": True}, "serviceMonitor": {"enabled": True, "interval": "15s"}},
             "defaults": {"resyncSeconds": 2, "routerNodeSelector": placement()["nodeSelector"],
-                         "routerTolerations": placement()["tolerations"]}}
+                         "routerTolerations": placement()["tolerations"]},
+            # Build once (the chart's default): the embedded store on an emptyDir, this cluster has no provisioner.
+            "modelStore": {"embedded": {"persistence": {"enabled": False}}}}
 
 
 def install_chart(cluster: Cluster) -> None:
@@ -208,18 +211,39 @@ def upload(cluster: Cluster, version: int, model: Path) -> None:
     info(f"model version {version} copied into PersistentVolumeClaim {NAMESPACE}/{CLAIM} on {NODE}")
 
 
+def _last_json(cluster: Cluster, pod: str, container: str) -> dict[str, Any]:
+    logs = cluster.kubectl("logs", pod, "-n", NAMESPACE, "-c", container, check=False).stdout
+    with contextlib.suppress(ValueError, IndexError):
+        report = json.loads(logs.strip().splitlines()[-1])
+        return report if isinstance(report, dict) else {}
+    return {}
+
+
 def describe_revision(cluster: Cluster, revision: str) -> None:
-    """What the revision's pod did: the builder init container's report and where Triton runs."""
+    """What the revision's pods did: its build Job's report (built once, published to the model store) and, for
+    each serving pod, the artifact it fetched and where Triton runs."""
     pods = _json(cluster, "get", "pods", "-n", NAMESPACE, "-l", f"recserve.dev/revision={revision}")["items"]
-    for pod in pods:
-        name = pod["metadata"]["name"]
-        logs = cluster.kubectl("logs", name, "-n", NAMESPACE, "-c", "model-repo-builder", check=False).stdout
-        report: dict[str, Any] = {}
-        with contextlib.suppress(ValueError, IndexError):
-            report = json.loads(logs.strip().splitlines()[-1])
-        parity = report.get("parity") or {}
-        info(f"pod {name} on {pod['spec']['nodeName']}: init container model-repo-builder converted the model "
-             f"(parity max abs error {parity.get('max_abs_error', '?')}), Triton serving")
+    for pod in sorted(pods, key=lambda p: p["metadata"]["labels"].get("app.kubernetes.io/component") != "builder"):
+        name, node = pod["metadata"]["name"], pod["spec"]["nodeName"]
+        if pod["metadata"]["labels"].get("app.kubernetes.io/component") == "builder":
+            report = _last_json(cluster, name, "model-repo-builder")
+            parity, artifact = report.get("parity") or {}, report.get("artifact") or {}
+            digest = str(artifact.get("digest", "?"))[:12]
+            if artifact.get("reused"):  # a re-run: the store already held this revision's artifact
+                info(f"build Job pod {name} on {node}: the model store already holds artifact {digest} of this "
+                     "revision, so model-repo-builder converted the model once, before, and reused it")  # fmt: skip
+            else:
+                info(f"build Job pod {name} on {node}: model-repo-builder converted the model once (parity max "
+                     f"abs error {parity.get('max_abs_error', '?')}) and published artifact {digest}")  # fmt: skip
+            continue
+        init = (pod["spec"].get("initContainers") or [{}])[0].get("name", "?")
+        if init == "model-repo-builder":  # no model store: every pod builds
+            parity = _last_json(cluster, name, init).get("parity") or {}
+            info(f"pod {name} on {node}: init container model-repo-builder converted the model "
+                 f"(parity max abs error {parity.get('max_abs_error', '?')}), Triton serving")  # fmt: skip
+        else:
+            info(f"pod {name} on {node}: init container {init} fetched the artifact and checked its digest "
+                 f"(no build, no TensorFlow), Triton serving")  # fmt: skip
 
 
 def run(keep_serving: bool) -> int:

@@ -98,7 +98,9 @@ def _jobs(cluster: Cluster, ns: str) -> int:
 def measure(cluster: Cluster, tmp: Path, model: Path, *, store: bool, rounds: int) -> dict[str, Any]:
     def values(ns: str) -> dict[str, Any]:
         url = f"s3://{BUCKET}/artifacts" if store else ""
-        return {"modelStore": {"url": url, "endpoint": _endpoint(ns), "secretName": CREDENTIALS}}
+        # The baseline has no store at all (the chart's embedded one off too); build once uses the bench's store.
+        return {"modelStore": {"url": url, "endpoint": _endpoint(ns), "secretName": CREDENTIALS,
+                               "embedded": {"enabled": False}}}
 
     chart_tmp = tmp / ("store" if store else "per-pod")
     chart_tmp.mkdir()

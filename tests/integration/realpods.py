@@ -40,8 +40,9 @@ def placement() -> dict[str, Any]:
 def installed_platform(
     cluster: Cluster, tmp: Path, prefix: str, extra_values: Callable[[str], dict[str, Any]] | None = None
 ) -> Iterator[str]:
-    """The chart installed with the local images, watching one new namespace (yielded), its operator on NODE.
-    `extra_values(namespace)`: more chart values (top-level keys), for the namespace about to be watched.
+    """The chart installed with the local images, watching one new namespace (yielded), its operator on NODE, its
+    defaults otherwise: each revision is built once by a Job and published to the embedded model store.
+    `extra_values(namespace)`: more chart values (top-level keys, replacing these), for the namespace to watch.
 
     Leaving deletes the namespace's RecommenderModels, the release and both namespaces.
     """
@@ -57,7 +58,9 @@ def installed_platform(
     release = _release_name(ns)
     values = {"image": {"repository": repository, "tag": tag}, "watchNamespaces": [ns], **placement(),
               "defaults": {"resyncSeconds": 2, "routerNodeSelector": placement()["nodeSelector"],
-                           "routerTolerations": placement()["tolerations"]}}
+                           "routerTolerations": placement()["tolerations"]},
+              # Build once, the chart's default, on the embedded store; this cluster has no volume provisioner.
+              "modelStore": {"embedded": {"persistence": {"enabled": False}}}}
     values.update(extra_values(ns) if extra_values is not None else {})
     try:
         _helm(cluster, "install", release, str(ROOT / "charts" / "recserve"), "-n", system, "--wait",

@@ -2,8 +2,9 @@
 
 The example is `examples/ctr-dnn/local-l4.yaml`, applied unchanged: it is the manifest the local node serves.
 
-Nothing here is simulated: the chart's operator runs as its Deployment, the operator's builder init
-container converts the Keras model it reads from a PersistentVolumeClaim, Triton serves it, the builtin
+Nothing here is simulated: the chart's operator runs as its Deployment, with the chart's defaults: the revision's
+build Job converts the Keras model it reads from a PersistentVolumeClaim and publishes it to the chart's embedded
+model store, the serving pod's init container fetches it and checks its digest, Triton serves it, the builtin
 router's nginx pods route to it by Service DNS, and the in-cluster Prometheus (Prometheus Operator) scrapes
 what the operator's ServiceMonitor selects. On kind or another cluster, set RECSERVE_REAL_NODE_NAME to a
 node that runs containers, carries `nvidia.com/gpu.product=NVIDIA-L4` and has the images loaded.
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from recserve_operator.names import BUILDER_CONTAINER, COMPONENT_LABEL, FETCH_CONTAINER, REVISION_LABEL
 
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster
@@ -54,19 +56,25 @@ def test_helm_install_serves_the_local_example_from_a_pvc_through_the_router_ove
         cluster.kubectl("apply", "-n", ns, "-f", str(EXAMPLE))  # the example file itself, unchanged
         rm = wait_model_ready(cluster, ns, name)
         revision = rm["status"]["stable"]["revision"]
-        pods = get(cluster, "pods", "-n", ns, "-l", f"recserve.dev/revision={revision}")["items"]
+        pods = get(cluster, "pods", "-n", ns, "-l",
+                   f"{REVISION_LABEL}={revision},{COMPONENT_LABEL}=predictor")["items"]  # fmt: skip
         assert [p["spec"]["nodeName"] for p in pods] == [NODE]
-        # The builder init container really ran the build (defect 1: its command exists in the image) and
-        # read the model from the mounted claim (defect 3).
-        init = pods[0]["status"]["initContainerStatuses"][0]
-        assert init["state"]["terminated"]["exitCode"] == 0, init
+        # Build once, by default: the builder really ran the build in the revision's Job (defect 1: its command
+        # exists in the image), reading the model from the mounted claim (defect 3); the serving pod only fetched.
+        (build,) = get(cluster, "pods", "-n", ns, "-l", f"{REVISION_LABEL}={revision},{COMPONENT_LABEL}=builder")[
+            "items"]  # fmt: skip
+        (builder,) = build["status"]["containerStatuses"]
+        assert builder["name"] == BUILDER_CONTAINER and builder["state"]["terminated"]["exitCode"] == 0, builder
+        (init,) = pods[0]["status"]["initContainerStatuses"]
+        assert init["name"] == FETCH_CONTAINER and init["state"]["terminated"]["exitCode"] == 0, init
+        assert not any(v.get("persistentVolumeClaim") for v in pods[0]["spec"]["volumes"]), "serving mounts no source"
         # `kubectl recserve build-log` shows that build's output, down to its JSON report with the parity gate's
         # measurement against the Keras model.
         log = recserve(cluster, "build-log", name, "-n", ns)
         assert log.returncode == 0, log.stderr
         report = json.loads(log.stdout.strip().splitlines()[-1])
         assert report["status"] == "ok" and report["parity"]["passed"] is True, report.get("parity")
-        assert f"revision {revision}, pod {pods[0]['metadata']['name']}" in log.stderr
+        assert f"revision {revision}, pod {build['metadata']['name']}" in log.stderr
         missing = recserve(cluster, "build-log", name, "-n", ns, "--revision", "0000000000")
         assert missing.returncode == 1 and f"revisions with pods: {revision}" in missing.stderr, missing.stderr
         config = json.loads(cluster.kubectl("get", "configmap", f"{name}-{revision}", "-n", ns, "-o",

@@ -37,6 +37,10 @@ NEW_TRITON = "nvcr.io/nvidia/tritonserver:25.11-py3"
 # How a denied request shows in Kopf's and the Kubernetes client's logs (a bare "403" would also match the
 # milliseconds of a timestamp), plus Kopf's fallback warnings and any crash.
 FORBIDDEN_MARKERS = ("forbidden", "(403)", "'code': 403", "status=403", "not enough permissions", "traceback")
+# The shared test cluster has no volume provisioner: the embedded model store (on by default) keeps its
+# artifacts on an emptyDir (kind and real clusters use the default StorageClass).
+NO_PROVISIONER = {"modelStore": {"embedded": {"persistence": {"enabled": False}}}}
+STORE_KEYS = "recserve-model-store"  # the keys Secret build Jobs and serving pods read, in each model namespace
 
 
 def _release_name(namespace: str) -> str:
@@ -123,7 +127,7 @@ def test_install_upgrade_and_uninstall_keep_the_crd_and_the_users_models(
 ) -> None:
     namespace = release.namespace
     fullname = f"{release.name}-recserve"
-    values: dict[str, Any] = {"image": TEST_IMAGE, "defaults": {"tritonImage": OLD_TRITON}}
+    values: dict[str, Any] = {"image": TEST_IMAGE, "defaults": {"tritonImage": OLD_TRITON}, **NO_PROVISIONER}
 
     out = _helm(cluster, "install", release.name, str(CHART), "-n", namespace, "--wait", "--timeout", "3m",
                 values=values, tmp_path=tmp_path)  # fmt: skip
@@ -134,6 +138,12 @@ def test_install_upgrade_and_uninstall_keep_the_crd_and_the_users_models(
                      message="operator Deployment did not become Available")  # fmt: skip
     first_checksum = first["spec"]["template"]["metadata"]["annotations"]["checksum/defaults"]
     assert first["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "--all-namespaces"
+    # Build once by default: the embedded store runs beside the operator, which is told to publish there.
+    wait_for(lambda: _deployment_available(cluster, namespace, f"{fullname}-model-store", 1), 120,
+             message="the embedded model store did not become Available")  # fmt: skip
+    defaults = _get(cluster, "configmap", f"{fullname}-defaults", "-n", namespace)["data"]
+    assert defaults["RECSERVE_MODEL_STORE"] == "s3://recserve-models/artifacts", defaults
+    assert defaults["RECSERVE_MODEL_STORE_SECRET_SOURCE"] == f"{namespace}/{fullname}-model-store", defaults
 
     # Upgrade: two replicas (peering) and a new default Triton image.
     values = {**values, "replicaCount": 2, "defaults": {"tritonImage": NEW_TRITON}}
@@ -147,7 +157,8 @@ def test_install_upgrade_and_uninstall_keep_the_crd_and_the_users_models(
     assert "--peering=recserve" in second["spec"]["template"]["spec"]["containers"][0]["args"]
     assert _get(cluster, "clusterkopfpeering", "recserve")
     pods = _get(cluster, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release.name}")["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")
+            and p["metadata"]["labels"].get("app.kubernetes.io/component") != "model-store"]  # fmt: skip
     hashes = {p["metadata"]["labels"]["pod-template-hash"] for p in live}
     assert len(live) == 2 and len(hashes) == 1, "pods were not rolled onto the new template"
 
@@ -241,16 +252,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("replicas", [1, 2], ids=["standalone", "peering"])
+@pytest.mark.parametrize("mode", ["standalone", "peering", "cluster-mode"])
 def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more(
-    cluster: Cluster, release: Release, extra_namespaces: tuple[str, str], replicas: int, tmp_path: Path
+    cluster: Cluster, release: Release, extra_namespaces: tuple[str, str], mode: str, tmp_path: Path
 ) -> None:
+    """Both modes with the chart's defaults (build once, the embedded store): the operator creates the model's build
+    Job; in cluster mode it first copies the store's keys into the model's namespace, the one Secret it may touch."""
     namespace = release.namespace
     watched, unwatched = extra_namespaces
     fullname = f"{release.name}-recserve"
+    cluster_mode, replicas = mode == "cluster-mode", 2 if mode == "peering" else 1
     # No metrics Service: this test needs none, and the shared cluster's service IP range is small.
-    values = {"image": TEST_IMAGE, "watchNamespaces": [watched], "replicaCount": replicas,
-              "metrics": {"service": {"enabled": False}}}  # fmt: skip
+    values = {"image": TEST_IMAGE, "replicaCount": replicas, "metrics": {"service": {"enabled": False}},
+              **NO_PROVISIONER, **({} if cluster_mode else {"watchNamespaces": [watched]})}  # fmt: skip
     _helm(cluster, "install", release.name, str(CHART), "-n", namespace, "--wait", "--timeout", "3m",
           values=values, tmp_path=tmp_path)  # fmt: skip
     kubeconfig = _token_kubeconfig(cluster, namespace, fullname, tmp_path / "sa.kubeconfig")
@@ -272,15 +286,26 @@ def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more
         ("get", "secrets", "-n", watched),
         ("get", "secrets", "-n", namespace),
         ("list", "secrets", "--all-namespaces"),
-        ("create", "deployments.apps", "-n", unwatched),
-        ("list", rm, "-n", unwatched),
-        ("patch", rm, "--subresource=status", "-n", unwatched),
-        ("create", "deployments.apps", "-n", namespace),  # the release namespace is not watched either
+        ("watch", "secrets", "-n", watched),
+        ("get", "secrets/someone-elses", "-n", watched),
+        ("create", "secrets/someone-elses", "-n", watched),
+        ("get", f"secrets/{fullname}-operator-token", "-n", namespace),
         ("update", "deployments.apps", "-n", watched),
         ("delete", "pods", "-n", watched),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
         ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
     ]
+    if cluster_mode:  # the store's keys: read at the source, copied by name into model namespaces
+        allowed += [("get", f"secrets/{fullname}-model-store", "-n", namespace),
+                    ("create", f"secrets/{STORE_KEYS}", "-n", watched),
+                    ("patch", f"secrets/{STORE_KEYS}", "-n", watched),
+                    ("create", "deployments.apps", "-n", unwatched)]  # fmt: skip
+    else:
+        denied += [("get", f"secrets/{fullname}-model-store", "-n", namespace),
+                   ("create", f"secrets/{STORE_KEYS}", "-n", watched),
+                   ("create", "deployments.apps", "-n", unwatched), ("list", rm, "-n", unwatched),
+                   ("patch", rm, "--subresource=status", "-n", unwatched),
+                   ("create", "deployments.apps", "-n", namespace)]  # the release namespace is not watched either
     if replicas > 1:
         allowed.append(("patch", "kopfpeerings.kopf.dev/recserve", "-n", watched))
         denied.append(("patch", "kopfpeerings.kopf.dev/someone-else", "-n", watched))
@@ -296,13 +321,21 @@ def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more
     ).stdout
     rows = [line.split() for line in listing.splitlines()[1:] if line.strip()]
     granted_resources = {row[0] for row in rows}
-    assert "secrets" not in granted_resources and "*" not in granted_resources and "*.*" not in granted_resources
+    assert "*" not in granted_resources and "*.*" not in granted_resources
+    # Columns: resource, non-resource URLs, resource names, verbs.
+    secrets_rows = [" ".join(row[1:]) for row in rows if row[0] == "secrets"]
+    assert secrets_rows == ([f"[] [{STORE_KEYS}] [get create patch]"] if cluster_mode else []), listing
     assert "recommendermodels.recserve.dev/status" in granted_resources, listing
 
     # (b) The real operator with this identity and the chart's own arguments reconciles a model.
     deployment = _get(cluster, "deployment", fullname, "-n", namespace)
     chart_args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     args = [a for a in chart_args if not a.startswith(("--liveness", "--log-format"))]
+    if cluster_mode:
+        # The shared test cluster holds other tests' models (some in namespaces being deleted): this run watches
+        # the model's namespace only, with the ClusterRole's rights.
+        assert "--all-namespaces" in args
+        args = [a for a in args if a != "--all-namespaces"] + [f"--namespace={watched}"]
     args += ["--liveness", f"http://127.0.0.1:{_free_port()}/healthz", "--log-format=plain", "--verbose"]
     if replicas > 1:
         args.append("--priority=100")  # what the chart's shell wrapper draws at random
@@ -323,11 +356,19 @@ def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more
     try:
         cluster.kubectl("apply", "-n", watched, "-f", "-", input=yaml.safe_dump(_model("rbac-proof")))
         owned = _wait_with_log(
-            lambda: (_get(cluster, "deployments", "-n", watched, "-l", "app.kubernetes.io/instance=rbac-proof")
+            lambda: (_get(cluster, "jobs", "-n", watched, "-l", "app.kubernetes.io/instance=rbac-proof")
                      or {}).get("items"),
-            log_path, "the operator running as the chart's ServiceAccount produced no Deployment",
+            log_path, "the operator running as the chart's ServiceAccount produced no build Job",
         )  # fmt: skip
         assert owned[0]["metadata"]["ownerReferences"][0]["name"] == "rbac-proof"
+        envs = owned[0]["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        assert {"prefix": "STORE_", "secretRef": {"name": STORE_KEYS}} in envs, envs
+        copy = _get(cluster, "secret", STORE_KEYS, "-n", watched)
+        source = _get(cluster, "secret", f"{fullname}-model-store", "-n", namespace)
+        assert copy is not None and source is not None
+        assert copy["data"] == {k: source["data"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        # The chart put it there in namespaced mode; the operator copied it in cluster mode.
+        assert copy["metadata"]["labels"]["app.kubernetes.io/managed-by"] == ("recserve" if cluster_mode else "Helm")
         _wait_with_log(lambda: (_get(cluster, "recommendermodel", "rbac-proof", "-n", watched) or {}).get("status"),
                        log_path, "the operator wrote no status")  # fmt: skip
     finally:

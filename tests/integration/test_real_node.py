@@ -223,7 +223,9 @@ def test_helm_install_with_the_local_images_gives_a_ready_operator_pod_that_reco
 
     repository, tag = images.operator_image().rsplit(":", 1)
     release = _release_name(namespace)
-    values = {"image": {"repository": repository, "tag": tag}, "watchNamespaces": [namespace], **_placement()}
+    # The operator alone (its embedded model store off): build once on real pods has its own suites.
+    values = {"image": {"repository": repository, "tag": tag}, "watchNamespaces": [namespace], **_placement(),
+              "modelStore": {"embedded": {"enabled": False}}}
     try:
         _helm(cluster, "install", release, str(ROOT / "charts" / "recserve"), "-n", namespace, "--wait",
               "--timeout", "4m", values=values, tmp_path=tmp_path)

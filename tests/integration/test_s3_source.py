@@ -192,7 +192,9 @@ def _upload(cluster: Cluster, ns: str, endpoint: str, model: Path) -> dict[str, 
         cluster.kubectl("delete", "pod,configmap", name, "-n", ns, "--ignore-not-found", "--wait=false", check=False)
 
 
-platform = platform_fixture("t-s3-source")
+# Without a model store (the chart's embedded one off): every serving pod builds in its init container, the path
+# the build-once suite (test_build_once.py) does not take.
+platform = platform_fixture("t-s3-source", lambda ns: {"modelStore": {"embedded": {"enabled": False}}})
 
 
 @pytest.fixture(scope="module")

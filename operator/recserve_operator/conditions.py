@@ -17,6 +17,8 @@ METRICS_AVAILABLE = "MetricsAvailable"
 # Reasons: CamelCase, actionable, stable (alerts and docs key on them).
 INVALID_SPEC = "InvalidSpec"
 BUILD_FAILED = "BuildFailed"
+# Built once, but the serving pods cannot install the artifact (the store is down or no longer holds it).
+FETCH_FAILED = "FetchFailed"
 BUILDING = "Building"
 INSUFFICIENT_GPU = "InsufficientGPU"
 UNSCHEDULABLE = "Unschedulable"
@@ -109,7 +111,8 @@ def derive_phase(conditions: Sequence[Mapping[str, Any]]) -> str:
             return "Degraded"
         return "Progressing" if progressing else "Ready"
     # Nothing serves: failures that need a human first, then how far the first revision got.
-    if _reason(conditions, READY) == INVALID_SPEC or _reason(conditions, MODEL_REPOSITORY_READY) == BUILD_FAILED:
+    if _reason(conditions, READY) == INVALID_SPEC or _reason(conditions, MODEL_REPOSITORY_READY) in (
+            BUILD_FAILED, FETCH_FAILED):
         return "Failed"
     if degraded:
         return "Degraded" if _reason(conditions, DEGRADED) == CONTAINER_FAILING else "Pending"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from recserve_operator.builders.deployment import GPU_RESOURCE, TRITON_CONTAINER
-from recserve_operator.names import BUILDER_CONTAINER, FETCH_CONTAINER
+from recserve_operator.names import BUILDER_CONTAINER, FETCH_CONTAINER, INSTANCE_LABEL, REVISION_LABEL, build_job_name
 
 _MAX_MESSAGE = 1024
 
@@ -24,9 +24,11 @@ class RevisionObservation:
     built: bool = False  # at least one pod finished the model build (or is already serving)
     building: bool = False
     build_failed: str | None = None
+    fetch_failed: str | None = None  # built once, but its pods' fetch-artifact step fails
     unschedulable: str | None = None
     insufficient_gpu: bool = False
     container_failing: str | None = None
+    artifact: tuple[str, str] | None = None  # (key, digest) its build Job published, with a model store
 
 
 def _builder_message(terminated: Mapping[str, Any], container: str = BUILDER_CONTAINER) -> str:
@@ -50,6 +52,15 @@ def _builder_message(terminated: Mapping[str, Any], container: str = BUILDER_CON
     return text[:_MAX_MESSAGE]
 
 
+def _fetch_message(terminated: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """A serving pod could not install the revision's built artifact: what failed, and how to rebuild it."""
+    job = build_job_name(labels.get(INSTANCE_LABEL, "<model>"), labels.get(REVISION_LABEL, "<revision>"))
+    hint = (f" (the model store is unreachable or no longer holds the artifact; to rebuild it, "
+            f"kubectl delete job {job})")  # fmt: skip
+    text = _builder_message(terminated, FETCH_CONTAINER)
+    return (text[: _MAX_MESSAGE - len(hint)] + hint)[:_MAX_MESSAGE]
+
+
 def _pod_observation(pod: Mapping[str, Any]) -> dict[str, Any]:
     status = pod.get("status") or {}
     out: dict[str, Any] = {}
@@ -60,19 +71,22 @@ def _pod_observation(pod: Mapping[str, Any]) -> dict[str, Any]:
             out["insufficient_gpu"] = f"Insufficient {GPU_RESOURCE}" in message
         if cond.get("type") == "Ready" and cond.get("status") == "True":
             out["ready"] = True
+    labels = (pod.get("metadata") or {}).get("labels") or {}
     for cs in status.get("initContainerStatuses") or []:
         if cs.get("name") not in (BUILDER_CONTAINER, FETCH_CONTAINER):
             continue
         state = cs.get("state") or {}
         last = (cs.get("lastState") or {}).get("terminated")
         terminated = state.get("terminated")
+        # Restarting after a failure (CrashLoopBackOff): the last failure is what the user needs to see.
+        failure = terminated if terminated and terminated.get("exitCode", 0) != 0 else (
+            last if not terminated and last and last.get("exitCode", 0) != 0 else None)  # fmt: skip
         if terminated and terminated.get("exitCode", 0) == 0:
             out["built"] = True
-        elif terminated:
-            out["build_failed"] = _builder_message(terminated, cs["name"])
-        elif last and last.get("exitCode", 0) != 0:
-            # Restarting after a failure (CrashLoopBackOff): the failure is what the user needs to see.
-            out["build_failed"] = _builder_message(last, cs["name"])
+        elif failure is not None and cs["name"] == FETCH_CONTAINER:
+            out["fetch_failed"] = _fetch_message(failure, labels)
+        elif failure is not None:
+            out["build_failed"] = _builder_message(failure, cs["name"])
         elif "running" in state or "waiting" in state:
             out["building"] = True
     for cs in status.get("containerStatuses") or []:
@@ -106,6 +120,7 @@ def observe_revision(
     available = caught_up and ready >= desired and updated >= desired
     per_pod = [_pod_observation(p) for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     failed = next((o["build_failed"] for o in per_pod if o.get("build_failed")), None)
+    fetch_failed = next((o["fetch_failed"] for o in per_pod if o.get("fetch_failed")), None)
     unsched = next((o for o in per_pod if o.get("unschedulable")), None)
     failing = next((o["container_failing"] for o in per_pod if o.get("container_failing")), None)
     return RevisionObservation(
@@ -117,6 +132,7 @@ def observe_revision(
         built=ready > 0 or any(o.get("built") for o in per_pod),
         building=any(o.get("building") for o in per_pod),
         build_failed=failed,
+        fetch_failed=fetch_failed,
         unschedulable=unsched["unschedulable"] if unsched else None,
         insufficient_gpu=bool(unsched and unsched.get("insufficient_gpu")),
         container_failing=failing,
@@ -183,6 +199,7 @@ def with_build(obs: RevisionObservation | None, revision: str, build: BuildObser
         built=base.built or build.digest is not None,
         building=base.building or build.building,
         build_failed=build.failed or base.build_failed,
+        artifact=(build.key, build.digest) if build.key and build.digest else base.artifact,
         unschedulable=base.unschedulable or build.unschedulable,
         insufficient_gpu=base.insufficient_gpu or build.insufficient_gpu,
     )

@@ -191,7 +191,8 @@ class Reconciler:
         """Every object the plan needs. A rolled-back or superseded candidate is not recreated: only revisions the
         decision keeps are built."""
         spec, ids, decision = ctx.spec, ctx.ids, plan.traffic
-        desired = self._desired_revision(spec, ids, decision) if ids.revision in decision.keep else []
+        latest = ctx.observations.get(ids.revision)
+        desired = self._desired_revision(spec, ids, decision, latest) if ids.revision in decision.keep else []
         desired.append(build_stable_service(spec, ids.at(decision.stable)))
         if self.servicemonitor_supported():
             desired.append(build_servicemonitor(spec, ids))
@@ -282,19 +283,16 @@ class Reconciler:
         return {rev: observe_build(job, builders.get(rev, [])) for job in self._live("Job", namespace, name)
                 if (rev := (job["metadata"].get("labels") or {}).get(REVISION_LABEL))}  # fmt: skip
 
-    def _artifact(self, ids: Ids, pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    def _artifact(self, ids: Ids, obs: RevisionObservation | None) -> tuple[str, str] | None:
         """(key, digest) of the revision's published artifact: what its Deployment fetches, else what its build
-        Job reported; None while it is not built."""
+        Job reported (`obs`, this reconcile's observation); None while it is not built."""
         live = next((d for d in self._live("Deployment", ids.namespace, ids.name)
                      if d["metadata"]["name"] == ids.revision_name), None)  # fmt: skip
         annotations = ((((live or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get(
             "annotations") or {}  # fmt: skip
         if annotations.get(ARTIFACT_KEY_ANNOTATION) and annotations.get(ARTIFACT_DIGEST_ANNOTATION):
             return annotations[ARTIFACT_KEY_ANNOTATION], annotations[ARTIFACT_DIGEST_ANNOTATION]
-        build = self._builds(ids.namespace, ids.name, pods).get(ids.revision)
-        if build is not None and build.key and build.digest:
-            return build.key, build.digest
-        return None
+        return obs.artifact if obs is not None else None
 
     def _artifacts_in_use(self, ids: Ids) -> set[str]:
         """The artifact keys the model's other running revisions fetch (a build must not collect them)."""
@@ -306,13 +304,15 @@ class Reconciler:
                 keys.add(key)
         return keys
 
-    def _serving(self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision) -> list[dict[str, Any]]:
+    def _serving(
+        self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision, obs: RevisionObservation | None
+    ) -> list[dict[str, Any]]:
         """The revision's Deployment; with a model store, its build Job until the build published (a failed build
         never gets a Deployment, and a scale-out only fetches)."""
         replicas = decision.replicas.get(ids.revision)
         if not self.defaults.builds_once:
             return [build_deployment(spec, ids, self.defaults, replicas=replicas)]
-        artifact = self._artifact(ids, self.live.owned("Pod", ids.namespace, ids.name))
+        artifact = self._artifact(ids, obs)
         keys = self._store_keys(ids.namespace)
         if artifact is None:
             return [*keys, build_job(spec, ids, self.defaults, keep=self._artifacts_in_use(ids))]
@@ -346,12 +346,12 @@ class Reconciler:
             return []
 
     def _desired_revision(
-        self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision
+        self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision, obs: RevisionObservation | None
     ) -> list[dict[str, Any]]:
         """The spec's revision, at the scale the decision gives it (a rollout's share) or the spec's."""
         objs = [
             build_configmap(spec, ids),
-            *self._serving(spec, ids, decision),
+            *self._serving(spec, ids, decision, obs),
             build_revision_service(spec, ids),
             build_pdb(spec, ids),
         ]
@@ -368,7 +368,7 @@ class Reconciler:
         part of it is particular to a revision) with the decision's bounds."""
         scaled = 0
         for rev in sorted(decision.keep - {ids.revision}):
-            rev_ids = Ids(name=ids.name, namespace=ids.namespace, uid=ids.uid, revision=rev)
+            rev_ids = ids.at(rev)
             if spec.serving.autoscaling is not None and rev in decision.hpa_bounds:
                 hpa = build_hpa(spec, rev_ids, bounds=decision.hpa_bounds[rev])
                 changed = hpa is not None and self._apply_if_changed(hpa)
@@ -615,7 +615,7 @@ def _post_transitions(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[st
             cond["type"] == c.METRICS_AVAILABLE and cond["status"] == "False"
         ) or (
             cond["type"] in (c.READY, c.MODEL_REPOSITORY_READY) and cond["status"] == "False"
-            and cond["reason"] in (c.BUILD_FAILED, c.INVALID_SPEC, c.INSUFFICIENT_GPU, c.UNSCHEDULABLE)
+            and cond["reason"] in (c.BUILD_FAILED, c.FETCH_FAILED, c.INVALID_SPEC, c.INSUFFICIENT_GPU, c.UNSCHEDULABLE)
         )  # fmt: skip
         if not bad and (prev is None or prev.get("status") == cond["status"]) and cond["status"] != "True":
             continue  # "not yet" conditions and reason-only changes of healthy states are noise

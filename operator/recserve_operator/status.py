@@ -46,6 +46,8 @@ def problem_of(obs: RevisionObservation | None) -> Problem | None:
         return None
     if obs.build_failed:
         return Problem(c.BUILD_FAILED, obs.build_failed)
+    if obs.fetch_failed:
+        return Problem(c.FETCH_FAILED, obs.fetch_failed)
     if obs.insufficient_gpu:
         return Problem(c.INSUFFICIENT_GPU, f"pods of revision {obs.revision} cannot be scheduled: {obs.unschedulable}")
     if obs.unschedulable:
@@ -149,6 +151,8 @@ def _repository(
     """ModelRepositoryReady: the newest revision's build."""
     if lt.build_failed:
         return c.Condition(c.MODEL_REPOSITORY_READY, "False", c.BUILD_FAILED, lt.build_failed)
+    if lt.fetch_failed:
+        return c.Condition(c.MODEL_REPOSITORY_READY, "False", c.FETCH_FAILED, lt.fetch_failed)
     if lt.built and held is not None:
         return c.Condition(c.MODEL_REPOSITORY_READY, "True", c.BUILT, f"revision {stable} is built and serving")
     if lt.built:

@@ -206,3 +206,27 @@ def test_a_secret_source_must_be_namespace_slash_name(source: str) -> None:
         OperatorDefaults(model_store="s3://b", model_store_secret="keys", model_store_secret_source=source)
     with pytest.raises(ValueError, match="namespace/name"):
         OperatorDefaults(model_store="s3://b", model_store_secret_source="ns/name")  # no copy name
+
+
+def test_a_pod_that_cannot_fetch_the_built_artifact_says_so_and_how_to_rebuild(env: Any) -> None:
+    """Not a BuildFailed: the build succeeded; the store is down or no longer holds the artifact."""
+    rec, kube, events = env
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    _finish_build(kube)
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    dep = next(o for k, o in kube.objects.items() if k[0] == "Deployment")
+    revision = dep["metadata"]["labels"]["recserve.dev/revision"]
+    error = json.dumps({"status": "failed", "error": "no artifact at shop/ctr-dnn/x in the model store"})
+    kube.objects[("Pod", "shop", "serving-1")] = {
+        "kind": "Pod", "metadata": {"name": "serving-1", "namespace": "shop",
+                                    "labels": dep["spec"]["template"]["metadata"]["labels"]},
+        "status": {"phase": "Pending", "initContainerStatuses": [{
+            "name": FETCH_CONTAINER, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 3, "message": error}}}]}}  # fmt: skip
+    rec.reconcile(model_body(minimal_spec()), lambda *e: events.append(e))
+    repo = _condition(kube, "ModelRepositoryReady")
+    assert repo["status"] == "False" and repo["reason"] == "FetchFailed", repo
+    assert "no artifact at shop/ctr-dnn/x" in repo["message"]
+    assert f"kubectl delete job ctr-dnn-{revision}-build" in repo["message"]
+    assert kube.status["phase"] == "Failed"
+    assert any(e[0] == "Warning" and e[1] == "FetchFailed" for e in events)

@@ -39,18 +39,18 @@ from tests.integration.realpods import (  # noqa: E402
     recommender_model,
     wait_model_ready,
 )
-from tests.integration.test_s3_source import (  # noqa: E402
+from tests.integration.s3store import (  # noqa: E402
     BUCKET,
     CREDENTIALS,
     KEYS,
     RESOURCES,
     S3_PORT,
     STORE,
-    _create,
-    _secret,
-    _upload,
-    _wait_pod,
+    create,
     seaweedfs_objects,
+    secret_manifest,
+    upload,
+    wait_pod,
 )
 
 PREDICTORS = "app.kubernetes.io/component=predictor"
@@ -106,10 +106,10 @@ def measure(cluster: Cluster, tmp: Path, model: Path, *, store: bool, rounds: in
     chart_tmp.mkdir()
     with installed_platform(cluster, chart_tmp, "b-scale-out", values) as ns:
         access, secret = f"recserve{secrets.token_hex(4)}", secrets.token_hex(20)
-        _create(cluster, *seaweedfs_objects(ns, access, secret),
-                _secret(ns, CREDENTIALS, {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}))
-        _wait_pod(cluster, ns, STORE, "Ready", 180)
-        _upload(cluster, ns, _endpoint(ns), model)
+        create(cluster, *seaweedfs_objects(ns, access, secret),
+                secret_manifest(ns, CREDENTIALS, {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}))
+        wait_pod(cluster, ns, STORE, "Ready", 180)
+        upload(cluster, ns, _endpoint(ns), model)
         rm = recommender_model(f"s3://{BUCKET}/{KEYS[1]}", 1, serving={"resources": RESOURCES},
                                model={"endpoint": _endpoint(ns), "credentials": {"secretRef": {"name": CREDENTIALS}}})
         apply(cluster, {**rm, "metadata": {"name": MODEL, "namespace": ns}})

@@ -32,7 +32,7 @@ from tests.integration.realpods import (
     recommender_model,
     wait_model_ready,
 )
-from tests.integration.test_s3_source import BUCKET, CREDENTIALS, KEYS, RESOURCES, Store, _input_name, _upload
+from tests.integration.s3store import BUCKET, CREDENTIALS, KEYS, RESOURCES, Store, input_name, upload
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
 
@@ -57,7 +57,7 @@ def store(cluster: Cluster, platform: str, tmp_path_factory: pytest.TempPathFact
     keys = get(cluster, "secret", CREDENTIALS, "-n", ns)
     assert keys is not None, "the chart put the store's keys in the watched namespace"
     path, x, expected = keras_model(tmp_path_factory.mktemp("model"))
-    report = _upload(cluster, ns, endpoint, path)
+    report = upload(cluster, ns, endpoint, path)
     assert set(report["sizes"]) == set(KEYS.values()), report
     # Only the chart's keys get in: a wrong secret and an unsigned request are refused.
     assert report["wrong_secret"] == "403" and report["anonymous"] == "403", report
@@ -124,7 +124,7 @@ def test_a_revision_is_built_once_by_a_job_and_a_scale_out_only_fetches_the_arti
 
     endpoint = served["status"]["endpoints"]["http"]
     got = infer_in_cluster(cluster, ns, f"{endpoint}/v2/models/{MODEL}/infer", store.x,
-                           _input_name(cluster, ns, pod["metadata"]["name"]))  # fmt: skip
+                           input_name(cluster, ns, pod["metadata"]["name"]))  # fmt: skip
     assert abs(got - store.expected.reshape(got.shape)).max() < 1e-4
 
     # Scale out: a new pod fetches; nothing builds.

@@ -170,7 +170,8 @@ def test_the_operator_names_the_better_variant_from_real_counters_and_an_aa_run_
         rm = wait_model_ready(cluster, ns)
         v1 = rm["status"]["stable"]["revision"]
         url = f"{rm['status']['endpoints']['http']}/v2/models/{MODEL}/infer"
-        pod = get(cluster, "pods", "-n", ns, "-l", f"recserve.dev/revision={v1}")["items"][0]["metadata"]["name"]
+        serving = f"recserve.dev/revision={v1},app.kubernetes.io/component=predictor"  # not its build Job's pod
+        pod = get(cluster, "pods", "-n", ns, "-l", serving)["items"][0]["metadata"]["name"]
         meta = json.loads(cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod}:8000/proxy/v2/models/"
                                           f"{MODEL}").stdout)
         body = json.dumps({"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(x.shape),

@@ -144,7 +144,7 @@ def test_load_raises_the_queue_time_metric_and_the_hpa_scales_the_revision_to_tw
         assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == [QUEUE_TIME_METRIC]
         assert get(cluster, "deployment", name, "-n", ns)["spec"]["replicas"] == 1
 
-        selector = f"{REVISION_LABEL}={revision}"
+        selector = f"{REVISION_LABEL}={revision},app.kubernetes.io/component=predictor"  # not its build Job's pod
         (pod,) = get(cluster, "pods", "-n", ns, "-l", selector)["items"]
         input_name = json.loads(cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{ns}/pods/"
                                                 f"{pod['metadata']['name']}:8000/proxy/v2/models/{MODEL}")

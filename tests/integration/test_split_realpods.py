@@ -88,7 +88,8 @@ def test_the_router_pods_split_10000_requests_by_weight_sticky_per_user_as_predi
         apply(cluster, canary_at(ns, 1))
         rm = wait_model_ready(cluster, ns)
         stable = rm["status"]["stable"]["revision"]
-        pod = get(cluster, "pods", "-n", ns, "-l", f"recserve.dev/revision={stable}")["items"][0]["metadata"]["name"]
+        serving = f"recserve.dev/revision={stable},app.kubernetes.io/component=predictor"  # not its build Job's pod
+        pod = get(cluster, "pods", "-n", ns, "-l", serving)["items"][0]["metadata"]["name"]
         meta = json.loads(cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod}:8000/proxy/v2/models/"
                                           f"{MODEL}").stdout)
         body = json.dumps({"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(x.shape),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import importlib.metadata
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ from model_repo_builder.cache import BuildCache, cache_key
 from model_repo_builder.errors import BadInputError, ParityError, UsageError
 from model_repo_builder.fetch import FetchedSource, fetch, sha256_of
 from model_repo_builder.progress import progress_bar
+from model_repo_builder.ranking import RankingLayout, RankingSpec
+
+# config.pbtxt parameter recording a ranking model's layout (what clients send); its warmup request's candidates.
+PARAM_RANKING = "recserve_ranking"
+RANKING_WARMUP_CANDIDATES = 200
 
 
 @dataclass
@@ -53,6 +59,8 @@ class BuildRequest:
     overwrite: bool = False
     cache_dir: str | None = None  # default: $MODEL_REPO_BUILDER_CACHE_DIR; unset = no cache
     show_progress: bool = False
+    # A ranking head (one request, N candidates, top-k in the engine) added to the exported graph: see ranking.py.
+    ranking: RankingSpec | None = None
 
 
 @dataclass
@@ -179,6 +187,12 @@ class _Optimized:
 
 
 @dataclass(frozen=True)
+class _Ranked:
+    onnx: Path  # the optimized model with the ranking head
+    layout: RankingLayout
+
+
+@dataclass(frozen=True)
 class _Written:
     tree: Path  # the staged <name> tree: config.pbtxt, <version>/, warmup/
     artifact: Path
@@ -202,13 +216,15 @@ def build(req: BuildRequest) -> BuildResult:
         cached = cache.lookup(key) if cache is not None else None
         if cache is not None and cached is not None:
             return _restore_cached(b, cache, cached, key)
-        steps = 4 + (plan.options.precision == "int8") + (plan.options.backend == "tensorrt")
+        steps = (4 + (plan.options.precision == "int8") + (plan.options.backend == "tensorrt")
+                 + (req.ranking is not None))  # fmt: skip
         with progress_bar(steps, f"build {plan.name}", req.show_progress, unit="step") as b.bar:
             converted = _convert(b, src, fmt)
             feeds, labels = _parity_inputs(b, converted.source.signature)
             optimized = _optimize(b, converted)
             _parity_gate(b, converted, optimized, feeds, labels)
-            written = _write_model(b, converted.source.signature, optimized, feeds)
+            ranked = _rank(b, converted, optimized, feeds) if req.ranking is not None else None
+            written = _write_model(b, converted.source.signature, optimized, feeds, ranked)
         report.update(_provenance(b, src=src, fmt=fmt, converted=converted, optimized=optimized, written=written))
         report["build_seconds"] = round(time.monotonic() - started, 3)
         if cache is not None:
@@ -231,6 +247,11 @@ def _plan(req: BuildRequest) -> _Plan:
         or repository.default_model_name(req.source)
     )
     options = resolve_options(req, template)
+    if req.ranking is not None and options.backend == "tensorrt":
+        raise UsageError(
+            "a ranking head is not built into TensorRT plans yet (a runtime k needs TensorRT shape tensors)",
+            "serve it with --backend onnxruntime: on GPU instances, with --precision fp16 through its TensorRT "
+            "accelerator")  # fmt: skip
     if options.backend == "tensorrt":
         # Fail before any download or conversion when this host cannot build engines.
         from model_repo_builder.tensorrt_build import import_tensorrt
@@ -257,6 +278,7 @@ def _cache_key(b: _Build, src: FetchedSource, fmt: str) -> str:
         "template": cfgmod.to_pbtxt(plan.template) if plan.template is not None else None, "opset": req.opset,
         "calibration": [str(req.calibration), req.calibration_samples], "parity_data": str(req.parity_data),
         "parity": [req.parity_max_abs_error, req.parity_samples, req.parity_seed], "tools": tool_versions(),
+        "ranking": dataclasses.asdict(req.ranking) if req.ranking is not None else None,
     })  # fmt: skip
 
 
@@ -345,9 +367,34 @@ def _parity_gate(
         )  # fmt: skip
 
 
+def _rank(b: _Build, converted: _Converted, optimized: _Optimized, feeds: dict[str, NDArray[Any]]) -> _Ranked:
+    """The ranking head on the optimized model, checked against the source model: the same top-k on requests made
+    of the parity rows (a failure stops the build like the parity gate's)."""
+    import onnx
+
+    from model_repo_builder import ranking
+
+    assert b.req.ranking is not None
+    layout = ranking.plan_ranking(converted.source.signature, b.req.ranking)
+    path = b.staging / "model.ranking.onnx"
+    onnx.save(ranking.add_ranking_head(onnx.load(optimized.onnx), layout), path)
+    tol = parity.default_tolerance(b.plan.options.precision, b.req.parity_max_abs_error)
+    check = ranking.check_head(converted.source.predict, convert.onnx_predictor(path), layout, feeds,
+                               tol.max_abs_error, k=min(10, layout.max_k))  # fmt: skip
+    b.report["ranking"] = {**layout.to_dict(), "parity": check.to_dict()}
+    b.bar.update()
+    if not check.passed:
+        raise ParityError(f"the ranking head of {b.plan.name} does not rank like the source model: "
+                          + "; ".join(check.failures),
+                          "inspect the figures (--json); with int8, relax --parity-max-abs-error if justified",
+                          details={"ranking": check.to_dict()})  # fmt: skip
+    return _Ranked(path, layout)
+
+
 def _write_model(
-    b: _Build, signature: cfgmod.ModelSignature, optimized: _Optimized, feeds: dict[str, NDArray[Any]]
-) -> _Written:
+    b: _Build, signature: cfgmod.ModelSignature, optimized: _Optimized, feeds: dict[str, NDArray[Any]],
+    ranked: _Ranked | None = None,
+) -> _Written:  # fmt: skip
     """The staged repository tree: the engine (TensorRT plan or ONNX), warmup samples and config.pbtxt."""
     plan, options = b.plan, b.plan.options
     model_tree = b.staging / "model"
@@ -363,11 +410,15 @@ def _write_model(
         b.bar.update()
     else:
         artifact = vdir / "model.onnx"
-        shutil.copyfile(optimized.onnx, artifact)
+        shutil.copyfile(ranked.onnx if ranked is not None else optimized.onnx, artifact)
         if options.backend == "python":
             shutil.copyfile(Path(__file__).with_name("python_backend_model.py"), vdir / "model.py")
-    warmup_files = _write_warmup(model_tree, signature, feeds) if options.warmup_batch_size else {}
-    (model_tree / "config.pbtxt").write_text(cfgmod.to_pbtxt(_model_config(plan, signature, warmup_files)))
+    if ranked is not None:
+        model_cfg = _ranking_config(plan, ranked.layout, _write_ranking_warmup(model_tree, ranked.layout, feeds))
+    else:
+        warmup_files = _write_warmup(model_tree, signature, feeds) if options.warmup_batch_size else {}
+        model_cfg = _model_config(plan, signature, warmup_files)
+    (model_tree / "config.pbtxt").write_text(cfgmod.to_pbtxt(model_cfg))
     b.bar.update()
     return _Written(model_tree, artifact, trt_info)
 
@@ -378,6 +429,48 @@ def _write_warmup(model_tree: Path, signature: cfgmod.ModelSignature, feeds: dic
     for spec in signature.inputs:
         (model_tree / "warmup" / spec.name).write_bytes(np.ascontiguousarray(feeds[spec.name][0]).tobytes())
     return {spec.name: spec.name for spec in signature.inputs}
+
+
+def _write_ranking_warmup(model_tree: Path, layout: RankingLayout, feeds: dict[str, NDArray[Any]]) -> dict[str, Any]:
+    """One real ranking request (parity rows: the first row's request part, RANKING_WARMUP_CANDIDATES candidates)
+    and k = max_k: Triton runs it before it reports the model ready."""
+    from model_repo_builder import ranking
+
+    total = len(next(iter(feeds.values())))
+    rows = np.arange(min(RANKING_WARMUP_CANDIDATES, total), dtype=np.int64)
+    head, _ = ranking.requests_from_rows(layout, feeds, 0, rows)
+    head[ranking.K_INPUT] = np.array([layout.max_k], np.int64)
+    (model_tree / "warmup").mkdir()
+    out: dict[str, Any] = {}
+    for name, value in head.items():
+        arr = np.ascontiguousarray(value)
+        (model_tree / "warmup" / name).write_bytes(arr.tobytes())
+        out[name] = (name, arr.shape)
+    return out
+
+
+def _ranking_config(plan: _Plan, layout: RankingLayout, warmup: dict[str, Any]) -> Any:
+    """config.pbtxt of a ranking model: its own inputs and outputs, no batch dimension (a request's candidates
+    are its batch, of any size), so no dynamic batching; instances, backend and accelerators as configured."""
+    if plan.template is not None:
+        model_cfg = cfgmod.merge_signature(plan.template, plan.name, layout.signature)
+        model_cfg.parameters[cfgmod.PARAM_PRECISION].string_value = plan.options.precision
+    else:
+        model_cfg = cfgmod.build_model_config(plan.name, plan.options, layout.signature)
+    model_cfg.max_batch_size = 0
+    model_cfg.ClearField("dynamic_batching")
+    del model_cfg.model_warmup[:]
+    if cfgmod.PARAM_WARMUP_BATCH in model_cfg.parameters:
+        del model_cfg.parameters[cfgmod.PARAM_WARMUP_BATCH]
+    warm = model_cfg.model_warmup.add(name="warmup_ranking_request", batch_size=1, count=1)
+    for spec in layout.signature.inputs:
+        entry = warm.inputs[spec.name]
+        entry.data_type = cfgmod.triton_dtype(spec.dtype)
+        file_name, shape = warmup[spec.name]
+        entry.dims.extend(int(d) for d in shape)
+        entry.input_data_file = file_name
+    model_cfg.parameters[PARAM_RANKING].string_value = json.dumps(layout.to_dict(), sort_keys=True)
+    return model_cfg
 
 
 def _model_config(plan: _Plan, signature: cfgmod.ModelSignature, warmup_files: dict[str, str]) -> Any:

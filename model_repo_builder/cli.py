@@ -33,6 +33,13 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated input names, got {text!r}")
+    return names
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -91,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... and the N most recently published of the others (default 0)")
     b.add_argument("--termination-log", type=Path,
                    help="write the outcome (one JSON line) here too, e.g. /dev/termination-log")
+    b.add_argument("--ranking-request-columns",
+                   help="add a ranking head: these columns of the model's one input (e.g. 0-9,40-44, zero-based) are "
+                        "the request's, sent once as `request [1, U]`; the others arrive per candidate as "
+                        "`candidates [N, F-U]`; the model returns the top k `scores` and `indices`")
+    b.add_argument("--ranking-request-inputs", type=_name_list,
+                   help="add a ranking head to a model with named inputs: these (comma-separated) are per request, "
+                        "sent with one row; the others arrive with one row per candidate")
+    b.add_argument("--ranking-max-k", type=_positive_int, default=100,
+                   help="the largest k a ranking request gets (default 100)")
     b.add_argument("--json", action="store_true", help="print the build report as JSON on stdout")
 
     pr = sub.add_parser("profile", help="sweep batching/instances on a live Triton under a p99 SLO",
@@ -174,7 +190,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         parity_max_abs_error=args.parity_max_abs_error, parity_samples=args.parity_samples,
         parity_data=args.parity_data, opset=args.opset, s3_endpoint=args.s3_endpoint,
         max_download_bytes=args.max_download_bytes, overwrite=args.overwrite, cache_dir=args.cache_dir,
-        show_progress=progress_enabled(args.json),
+        show_progress=progress_enabled(args.json), ranking=_ranking_spec(args),
     )
     result = build(req)
     if store is not None:
@@ -189,6 +205,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
         + (f"\n  published {args.artifact_key} ({result.report['artifact']['digest'][:12]})" if store else "")
     )
     return _done(args, result.report, human)
+
+
+def _ranking_spec(args: argparse.Namespace) -> Any:
+    from model_repo_builder.ranking import RankingSpec, parse_columns
+
+    if args.ranking_request_columns is None and not args.ranking_request_inputs:
+        return None
+    if args.ranking_request_columns is not None and args.ranking_request_inputs:
+        raise errors.UsageError("--ranking-request-columns and --ranking-request-inputs exclude each other",
+                                "columns for a model with one input, inputs for a model with named inputs")
+    columns = parse_columns(args.ranking_request_columns) if args.ranking_request_columns is not None else ()
+    return RankingSpec(request_columns=columns, request_inputs=tuple(args.ranking_request_inputs or ()),
+                       max_k=args.ranking_max_k)  # fmt: skip
 
 
 def _publish(args: argparse.Namespace, store: Any, tree: Path, name: str, version: int) -> dict[str, Any]:

@@ -49,6 +49,7 @@ _DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 _PVC_URI_RE = re.compile(r"^pvc://(?P<claim>[^/]+)/(?P<path>.+)$")
 _ENDPOINT_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 _SHA_RE = re.compile(r"^[a-f0-9]{64}$")
+_COLUMNS_RE = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
 _CPU_RE = re.compile(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$")
 _MEM_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 # Kubernetes label values: the GPU product goes into a nodeSelector.
@@ -114,6 +115,16 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Ranking:
+    """Serve the model as a ranker: the builder adds a ranking head (one request, N candidates, top-k in the
+    engine). `request_columns` ("0-15,28-31") for a model with one input, or `request_inputs` for named inputs."""
+
+    request_columns: str | None = None
+    request_inputs: tuple[str, ...] = ()
+    max_k: int = 100
+
+
+@dataclass(frozen=True)
 class Serving:
     max_batch_size: int = 256
     dynamic_batching: DynamicBatchingSpec | None = None
@@ -130,6 +141,8 @@ class Serving:
     # Triton warms the model up (batch 1 and maxBatchSize) before it reports ready; added after v0.1, so the
     # default stays out of the revision hash.
     warmup: bool = field(default=True, metadata={"revision": "unless-default"})
+    # A different served graph (a new revision); added later, so unset stays out of the revision hash.
+    ranking: Ranking | None = field(default=None, metadata={"revision": "unless-default"})
 
 
 @dataclass(frozen=True)
@@ -347,6 +360,7 @@ def _parse_serving(m: Mapping[str, Any]) -> Serving:
         raise InvalidSpec(f"{p}.warmup must be a boolean, got {warmup!r}")
     cache = m.get("buildCache")
     claim = _str(_obj(cache, f"{p}.buildCache"), "claimName", f"{p}.buildCache") if cache is not None else None
+    ranking = _parse_ranking(_obj(m["ranking"], f"{p}.ranking")) if m.get("ranking") is not None else None
     return Serving(
         max_batch_size=max_batch,
         dynamic_batching=db,
@@ -360,7 +374,25 @@ def _parse_serving(m: Mapping[str, Any]) -> Serving:
         builder_image=images["builderImage"],
         build_cache_claim=claim,
         warmup=warmup,
+        ranking=ranking,
     )
+
+
+def _parse_ranking(m: Mapping[str, Any]) -> Ranking:
+    p = "spec.serving.ranking"
+    columns = _opt_str(m, "requestColumns", p)
+    inputs = m.get("requestInputs") or []
+    if not isinstance(inputs, list) or any(not isinstance(i, str) or not i for i in inputs):
+        raise InvalidSpec(f"{p}.requestInputs must be a list of input names")
+    if (columns is None) == (not inputs):
+        raise InvalidSpec(f"{p} needs requestColumns (a model with one input) or requestInputs (named inputs), "
+                          "not both")  # fmt: skip
+    if columns is not None and not _COLUMNS_RE.match(columns):
+        raise InvalidSpec(f'{p}.requestColumns must list zero-based columns and ranges like "0-15,28-31", '
+                          f"got {columns!r}")  # fmt: skip
+    if len(set(inputs)) != len(inputs):
+        raise InvalidSpec(f"{p}.requestInputs must not repeat")
+    return Ranking(request_columns=columns, request_inputs=tuple(inputs), max_k=_int(m, "maxK", p, 100, 1, 10000))
 
 
 def parse_spec(spec: Mapping[str, Any], *, default_prometheus: str = "") -> RecommenderModelSpec:
@@ -386,6 +418,10 @@ def parse_spec(spec: Mapping[str, Any], *, default_prometheus: str = "") -> Reco
         raise InvalidSpec("spec.optimize.backend tensorrt needs a GPU: set spec.serving.instances.kind to GPU")
     if o.precision == "fp16" and s.instance_kind != "GPU":
         raise InvalidSpec("spec.optimize.precision fp16 runs on GPU kernels: set spec.serving.instances.kind to GPU")
+    if s.ranking is not None and parsed.resolved_backend == "tensorrt":
+        raise InvalidSpec("spec.serving.ranking is served by ONNX Runtime (its head is not built into TensorRT plans "
+                          "yet): set spec.optimize.backend to onnxruntime (fp16 on GPUs through its TensorRT "
+                          "accelerator)")  # fmt: skip
     return parsed
 
 

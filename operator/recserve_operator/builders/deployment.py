@@ -77,6 +77,11 @@ def builder_args(spec: RecommenderModelSpec, ids: Ids) -> list[str]:
     if m.endpoint:
         # An endpoint is an address, not a secret; keys only ever arrive through the Secret's environment.
         args += ["--s3-endpoint", m.endpoint]
+    r = spec.serving.ranking
+    if r is not None:
+        args += (["--ranking-request-columns", r.request_columns] if r.request_columns is not None
+                 else ["--ranking-request-inputs", ",".join(r.request_inputs)])  # fmt: skip
+        args += ["--ranking-max-k", str(r.max_k)]
     return [*args, "--json"]
 
 

@@ -197,3 +197,42 @@ def test_malformed_sources_and_credentials_are_refused_with_a_clear_message(chan
 )
 def test_new_fields_change_the_revision_only_when_they_change_what_is_served(change: dict, same_revision: bool) -> None:
     assert (revision_of(parse_spec(minimal_spec(**change))) == revision_of(parse_spec(minimal_spec()))) is same_revision
+
+
+RANKED = {"resources": {"gpu": 1}, "gpuProduct": "NVIDIA-A10G"}
+
+
+@pytest.mark.parametrize(
+    ("ranking", "message"),
+    [
+        ({}, "needs requestColumns .* or requestInputs"),
+        ({"requestColumns": "0-3", "requestInputs": ["user"]}, "not both"),
+        ({"requestColumns": "0-3;5"}, "like \"0-15,28-31\""),
+        ({"requestInputs": ["user", "user"]}, "must not repeat"),
+        ({"requestColumns": "0-3", "maxK": 0}, "maxK"),
+    ],
+    ids=["neither", "both", "bad-columns", "repeated-inputs", "k-zero"],
+)
+def test_a_ranking_spec_is_checked_and_names_the_field(ranking: dict, message: str) -> None:
+    with pytest.raises(InvalidSpec, match=f"spec.serving.ranking.*{message}"):
+        parse_spec(minimal_spec(serving={**RANKED, "ranking": ranking}))
+
+
+def test_a_ranking_model_is_served_by_onnx_runtime_and_its_head_is_part_of_the_revision() -> None:
+    from recserve_operator.builders.common import Ids
+    from recserve_operator.builders.deployment import builder_args
+
+    for optimize in ({"backend": "tensorrt"}, {"backend": "auto"}):
+        with pytest.raises(InvalidSpec, match=r"spec\.serving\.ranking is served by ONNX Runtime"):
+            parse_spec(minimal_spec(optimize=optimize, serving={**RANKED, "ranking": {"requestColumns": "0-3"}}))
+    columns = parse_spec(minimal_spec(serving={**RANKED, "ranking": {"requestColumns": "0-15,28-31", "maxK": 20}}))
+    inputs = parse_spec(minimal_spec(serving={**RANKED, "ranking": {"requestInputs": ["user", "context"]}}))
+    plain = parse_spec(minimal_spec(serving=RANKED))
+    assert len({revision_of(columns), revision_of(inputs), revision_of(plain)}) == 3
+    args = builder_args(columns, Ids("m", "ns", "u", revision_of(columns)))
+    assert args[args.index("--ranking-request-columns") + 1] == "0-15,28-31"
+    assert args[args.index("--ranking-max-k") + 1] == "20" and "--ranking-request-inputs" not in args
+    args = builder_args(inputs, Ids("m", "ns", "u", revision_of(inputs)))
+    assert args[args.index("--ranking-request-inputs") + 1] == "user,context"
+    assert args[args.index("--ranking-max-k") + 1] == "100"
+    assert "--ranking-max-k" not in builder_args(plain, Ids("m", "ns", "u", revision_of(plain)))

@@ -390,6 +390,13 @@ class FeaturePipeline:
         return np.concatenate([self.user_features(user), self.item_features(item),
                                self.context_features(hour, device, day), cross], axis=1)
 
+    def request_columns(self) -> list[int]:
+        """The columns one ranking request shares among its candidates: the user's block and the context's (the
+        item and user x item columns differ per candidate). What `spec.serving.ranking.requestColumns` names."""
+        users = range(self.user_dim)
+        context = range(self.user_dim + self.item_dim, self.user_dim + self.item_dim + self.context_dim)
+        return [*users, *context]
+
     def candidates(self, user: int, item_ids: np.ndarray, hour: int = 20, device: int = 0, day: int = 0) -> np.ndarray:
         """Feature rows scoring `item_ids` for one user in one context (what a serving request carries)."""
         return self.transform(np.int64(user), np.asarray(item_ids), np.int64(hour), np.int64(device), np.int64(day))

@@ -16,6 +16,8 @@ from ecommerce_data import DEVICES, DataConfig, EcommerceData, click_logit, gene
 
 HERE = Path(__file__).resolve().parent
 Scorer = Callable[[np.ndarray], np.ndarray]
+# Top `k` of the candidate rows: (indices into the rows, their scores), best first.
+Ranker = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,33 @@ def triton_scorer(url: str, model: str, version: str = "") -> Scorer:
     return score
 
 
+def triton_ranker(url: str, model: str, version: str = "") -> Ranker:
+    """Rank through a model served with a ranking head (spec.serving.ranking): the request's columns travel once,
+    the candidates' own columns once each, and Triton answers the top k. The split comes from the model's config
+    (its `recserve_ranking` parameter), so the client cannot disagree with the build."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=url)
+    cfg = client.get_model_config(model, model_version=version)
+    layout = json.loads(cfg["parameters"]["recserve_ranking"]["string_value"])
+    req_cols, cand_cols = layout["request_columns"], layout["candidate_columns"]
+
+    def rank(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = x.astype(np.float32)
+        feeds = {"request": rows[:1, req_cols], "candidates": np.ascontiguousarray(rows[:, cand_cols]),
+                 "k": np.array([k], np.int64)}
+        inputs = []
+        for name, arr in feeds.items():
+            inp = httpclient.InferInput(name, list(arr.shape), "INT64" if name == "k" else "FP32")
+            inp.set_data_from_numpy(arr, binary_data=True)
+            inputs.append(inp)
+        wanted = [httpclient.InferRequestedOutput(n, binary_data=True) for n in ("indices", "scores")]
+        res = client.infer(model, inputs, model_version=version, outputs=wanted)
+        return np.asarray(res.as_numpy("indices")), np.asarray(res.as_numpy("scores"), dtype=np.float32)
+
+    return rank
+
+
 def onnx_scorer(path: Path) -> Scorer:
     """Score rows with ONNX Runtime in-process (no server)."""
     import onnxruntime as ort
@@ -73,17 +102,24 @@ def candidate_items(data: EcommerceData, user: int, n: int = 200, seed: int = 0)
     return rng.choice(data.config.n_items, size=min(n, data.config.n_items), replace=False)
 
 
-def recommend(data: EcommerceData, scorer: Scorer, user: int, *, n_candidates: int = 200, top: int = 10,
-              hour: int = 20, device: int = 0) -> tuple[list[Recommendation], float]:
+def recommend(data: EcommerceData, scorer: Scorer | None, user: int, *, n_candidates: int = 200, top: int = 10,
+              hour: int = 20, device: int = 0, ranker: Ranker | None = None) -> tuple[list[Recommendation], float]:
     """Top-`top` of `n_candidates` items for `user` in the given context, and the mean true click probability of all
-    candidates (the baseline the top-N should beat)."""
+    candidates (the baseline the top-N should beat). With `ranker` the server picks the top (a ranking model);
+    else `scorer` scores every candidate and the client sorts."""
     items = candidate_items(data, user, n_candidates)
     x = data.features.candidates(user, items, hour=hour, device=device)
-    scores = scorer(x)
     logit = click_logit(data.users, data.items, np.full(items.size, user), items, hour=np.full(items.size, hour),
                         device=np.full(items.size, device))
     true_p = 1.0 / (1.0 + np.exp(-logit))
-    order = np.argsort(-scores)[:top]
+    if ranker is not None:
+        order, top_scores = ranker(x, top)
+        scores = np.zeros(items.size, np.float32)
+        scores[order] = top_scores
+    else:
+        assert scorer is not None, "a scorer or a ranker"
+        scores = scorer(x)
+        order = np.argsort(-scores)[:top]
     it = data.items
     recs = [Recommendation(int(items[i]), float(scores[i]), int(it.category[items[i]]), int(it.brand[items[i]]),
                            float(it.price[items[i]]), float(true_p[i])) for i in order]
@@ -96,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--url", help="Triton HTTP endpoint, e.g. localhost:8000")
     src.add_argument("--onnx", type=Path, help="score with a local ONNX file instead of a server")
     p.add_argument("--model", default="ctr-dnn", help="Triton model name (with --url)")
+    p.add_argument("--ranking", action="store_true",
+                   help="the model has a ranking head (spec.serving.ranking): send the user's and the context's "
+                        "columns once and let Triton pick the top (with --url)")
     p.add_argument("--model-version", default="", help="Triton model version; empty = the server's policy")
     p.add_argument("--spec", type=Path, default=HERE / "artifacts" / "1" / "feature_spec.json",
                    help="feature_spec.json written by train.py (to rebuild the same features)")
@@ -108,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     data = load_data(a.spec)
-    scorer = triton_scorer(a.url, a.model, a.model_version) if a.url else onnx_scorer(a.onnx)
+    if a.ranking and not a.url:
+        p.error("--ranking needs --url (a Triton serving the ranking model)")
+    ranker = triton_ranker(a.url, a.model, a.model_version) if a.ranking else None
+    scorer = None if ranker else triton_scorer(a.url, a.model, a.model_version) if a.url else onnx_scorer(a.onnx)
     recs, mean_p = recommend(data, scorer, a.user, n_candidates=a.candidates, top=a.top, hour=a.hour,
-                             device=DEVICES.index(a.device))
+                             device=DEVICES.index(a.device), ranker=ranker)
     top_p = float(np.mean([r.true_click_prob for r in recs]))
     if a.json:
         print(json.dumps({"user": a.user, "recommendations": [r.__dict__ for r in recs],

@@ -111,6 +111,17 @@ def export_onnx(model: Any, path: Path, opset: int = 17) -> Path:
     return path
 
 
+def column_ranges(columns: list[int]) -> str:
+    """[0, 1, 2, 7, 9, 10] -> "0-2,7,9-10"."""
+    parts: list[str] = []
+    for c in sorted(columns):
+        if parts and c == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{c}"
+        else:
+            parts.append(str(c))
+    return ",".join(parts)
+
+
 def export(model: Any, data: EcommerceData, metrics: dict[str, Any], out_dir: Path, *, saved_model: bool = False,
            onnx: bool = False) -> Path:
     """Write model.keras, metrics.json and feature_spec.json (what a client needs to build the input rows)."""
@@ -127,6 +138,8 @@ def export(model: Any, data: EcommerceData, metrics: dict[str, Any], out_dir: Pa
         "output_name": OUTPUT_NAME,
         "feature_dim": data.features.dim,
         "feature_names": data.features.feature_names(),
+        # For a ranking model (spec.serving.ranking.requestColumns): sent once per request, not per candidate.
+        "request_columns": column_ranges(data.features.request_columns()),
         "data_config": asdict(data.config),
     }
     (out_dir / "feature_spec.json").write_text(json.dumps(spec, indent=2) + "\n")

@@ -91,3 +91,40 @@ def test_recommend_through_triton_matches_keras(ctr_result: Any, recommend_modul
     x = ctr_result.data.features.candidates(5, items)
     expected = ctr_result.model.predict(x, verbose=0).ravel()
     np.testing.assert_allclose([r.score for r in recs], expected, atol=1e-5)
+
+
+def test_the_ranking_example_names_the_columns_train_py_writes(ctr_result: Any) -> None:
+    import yaml
+
+    example = yaml.safe_load((ROOT / "examples" / "ctr-dnn" / "ranking.yaml").read_text())
+    spec = json.loads((ctr_result.out_dir / "feature_spec.json").read_text())
+    assert example["spec"]["serving"]["ranking"]["requestColumns"] == spec["request_columns"] == "0-17,42-47"
+    names = [spec["feature_names"][i] for i in range(spec["feature_dim"])]
+    assert all(n.startswith(("user_", "hour_", "device_", "weekend")) for n in names[:18] + names[42:48])
+
+
+@pytest.mark.triton
+def test_recommend_through_a_ranking_head_on_triton_matches_keras(ctr_result: Any, recommend_module: ModuleType,
+                                                                  tmp_path: Path) -> None:
+    """Built with the ranking head (the columns from feature_spec.json), Triton picks the same top 10 as Keras
+    scoring every candidate row, and the request carries the user's and the context's columns once."""
+    from model_repo_builder.triton_local import TritonServer
+
+    spec = json.loads((ctr_result.out_dir / "feature_spec.json").read_text())
+    repo = tmp_path / "repo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "model_repo_builder", "build", "--source", str(ctr_result.out_dir / "model.keras"),
+         "--format", "keras", "--name", "ranker", "--version", "1", "--repo", str(repo), "--backend", "python",
+         "--ranking-request-columns", spec["request_columns"], "--ranking-max-k", "50", "--json"],
+        capture_output=True, text=True, check=False, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with TritonServer(repo) as server:
+        server.wait_model_ready("ranker")
+        ranker = recommend_module.triton_ranker(server.http_url, "ranker")
+        recs, _ = recommend_module.recommend(ctr_result.data, None, 5, n_candidates=200, top=10, ranker=ranker)
+    x = ctr_result.data.features.candidates(5, recommend_module.candidate_items(ctr_result.data, 5, 200))
+    expected = ctr_result.model.predict(x, verbose=0).ravel()
+    order = np.argsort(-expected, kind="stable")[:10]
+    items = recommend_module.candidate_items(ctr_result.data, 5, 200)
+    assert [r.item for r in recs] == items[order].tolist()
+    np.testing.assert_allclose([r.score for r in recs], expected[order], atol=1e-5)

@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--url", help="gRPC host:port of a Triton in explicit model-control mode (default: start one)")
     pr.add_argument("--candidates", type=_positive_int, default=64, help="candidates scored per request")
     pr.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
+    pr.add_argument("--concurrency-levels", type=_int_list, default=(),
+                    help="the load range the choice must hold over, e.g. 1,4,16,64: the p99 SLO at every level, "
+                         "never slower than Triton's default at any (replaces --concurrency)")
+    pr.add_argument("--noise-floor", type=float, default=0.05,
+                    help="throughput differences below this share (or the measured spread) count as noise")
     pr.add_argument("--slo-p99-ms", type=float, default=50.0)
     pr.add_argument("--max-queue-delays-us", type=_int_list, default=(0, 1000, 5000))
     pr.add_argument("--instance-counts", type=_int_list, default=(1, 2))
@@ -292,17 +297,21 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     req = ProfileRequest(
         repo=args.repo, name=args.name, url=args.url, candidates=args.candidates, concurrency=args.concurrency,
-        slo_p99_ms=args.slo_p99_ms, max_queue_delays_us=tuple(args.max_queue_delays_us),
+        concurrency_levels=tuple(args.concurrency_levels), noise_floor=args.noise_floor, slo_p99_ms=args.slo_p99_ms,
+        max_queue_delays_us=tuple(args.max_queue_delays_us),
         instance_counts=tuple(args.instance_counts), preferred_batch_sizes=tuple(args.preferred_batch_sizes),
         duration_s=args.duration_s, repeats=args.repeats, out_dir=args.out, apply=args.apply,
         show_progress=progress_enabled(args.json),
     )
     result = run_profile(req)
     chosen = result["chosen"]
+    rows = "\n".join(f"  concurrency {t['concurrency']:>3}: {t['chosen']['throughput_rps']:8.1f} req/s p99 "
+                     f"{t['chosen']['p99_ms']:6.1f} ms | default {t['default']['throughput_rps']:8.1f} req/s p99 "
+                     f"{t['default']['p99_ms']:6.1f} ms | {t['ratio']:.2f}x" for t in result["table"])  # fmt: skip
     human = (
         f"chosen: {chosen['label']} -> {chosen['throughput_rps']:.1f} req/s "
         f"({chosen['throughput_rps'] * args.candidates:.0f} candidates/s), p99 {chosen['p99_ms']:.1f} ms "
-        f"(SLO {args.slo_p99_ms} ms); results in {args.out}"
+        f"(SLO {args.slo_p99_ms} ms); results in {args.out}\n{rows}\nwhy: {result['reason']}"
     )
     _emit(result, args.json, human)
     return errors.EXIT_OK

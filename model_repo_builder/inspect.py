@@ -30,6 +30,9 @@ def _model_dir_info(model_dir: Path) -> dict[str, Any]:
             "build": json.loads(build_json.read_text()) if build_json.exists() else None,
         }
     info["versions"] = versions
+    tuned = [v["build"]["tuning"] for v in versions.values() if (v["build"] or {}).get("tuning")]
+    if tuned:
+        info["tuning"] = tuned[-1]  # `profile --apply`'s choice over the load range, and why
     return info
 
 

@@ -1,4 +1,11 @@
-"""Tune dynamic batching and instance counts against a live Triton under a p99 latency SLO."""
+"""Tune dynamic batching and instance counts against a live Triton under a p99 latency SLO, over a load range.
+
+Every candidate configuration is measured at every concurrency level of the declared range (interleaved rounds,
+medians). The choice (`choose_for_range`, pure) maximises throughput at the range's peak among the candidates
+whose p99 meets the SLO at every level and that never lose to Triton's default (one instance, no batching) at
+any level by more than the measured noise. A configuration that wins at peak load but makes quiet hours slower is
+not chosen; when nothing qualifies the default is kept, and the reason says why.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +56,9 @@ class Measurement:
     p90_ms: float
     p99_ms: float
     slo_met: bool = False
+    concurrency: int = 0
+    throughput_rps_min: float = 0.0  # range over the rounds: the noise of this measurement
+    throughput_rps_max: float = 0.0
 
 
 @dataclass
@@ -58,7 +68,12 @@ class ProfileRequest:
     url: str | None = None
     candidates: int = 64
     concurrency: int = 8
+    # The load range the choice must hold over (requests in flight); empty: `concurrency` alone.
+    concurrency_levels: tuple[int, ...] = ()
     slo_p99_ms: float = 50.0
+    # A candidate "loses" to the default at a level when its throughput is below the default's by more than the
+    # measured spread of both (over the rounds), and never by less than this share.
+    noise_floor: float = 0.05
     max_queue_delays_us: tuple[int, ...] = (0, 1000, 5000)
     instance_counts: tuple[int, ...] = (1, 2)
     preferred_batch_sizes: tuple[int, ...] = ()
@@ -106,15 +121,17 @@ def apply_candidate(base: mc.ModelConfig, cand: Candidate) -> mc.ModelConfig:
 
 
 def aggregate(ms: list[Measurement]) -> Measurement:
-    """Median figures over repeated measurements of one configuration."""
+    """Median figures over repeated measurements of one configuration at one level, with the throughput range."""
     first = ms[0]
+    rps = [m.throughput_rps for m in ms]
     return Measurement(
         label=first.label, candidate=first.candidate, requests=sum(m.requests for m in ms),
         errors=sum(m.errors for m in ms),
-        throughput_rps=float(np.median([m.throughput_rps for m in ms])),
+        throughput_rps=float(np.median(rps)),
         p50_ms=float(np.median([m.p50_ms for m in ms])), p90_ms=float(np.median([m.p90_ms for m in ms])),
-        p99_ms=float(np.median([m.p99_ms for m in ms])),
-    )
+        p99_ms=float(np.median([m.p99_ms for m in ms])), concurrency=first.concurrency,
+        throughput_rps_min=min(rps), throughput_rps_max=max(rps),
+    )  # fmt: skip
 
 
 def percentile_ms(latencies_s: list[float], q: float) -> float:
@@ -129,6 +146,79 @@ def choose(results: list[Measurement], slo_p99_ms: float) -> Measurement:
     if ok:
         return max(ok, key=lambda r: r.throughput_rps)
     return min(results, key=lambda r: r.p99_ms)
+
+
+@dataclass(frozen=True)
+class RangeChoice:
+    label: str
+    reason: str
+    slo_met: bool  # the chosen configuration meets the SLO at every level
+    table: list[dict[str, Any]]  # per level: the chosen and the default side by side
+
+
+def _noise(m: Measurement, floor: float) -> float:
+    """Relative spread of one measurement over its rounds (0 with one round), at least `floor`."""
+    if m.throughput_rps <= 0:
+        return floor
+    return max(floor, (m.throughput_rps_max - m.throughput_rps_min) / m.throughput_rps)
+
+
+def choose_for_range(
+    results: dict[str, dict[int, Measurement]], default: str, slo_p99_ms: float, *, noise_floor: float = 0.05
+) -> RangeChoice:
+    """The best configuration over a load range (see the module docstring); `results[label][level]`."""
+    base = results[default]
+    levels = sorted(base)
+    peak = levels[-1]
+    for by_level in results.values():
+        for m in by_level.values():
+            m.slo_met = m.errors == 0 and m.p99_ms <= slo_p99_ms
+
+    def loses(label: str) -> list[str]:
+        out = []
+        for c in levels:
+            m, d = results[label][c], base[c]
+            margin = _noise(m, noise_floor) + _noise(d, noise_floor)
+            if m.throughput_rps < d.throughput_rps * (1 - margin):
+                out.append(f"{d.throughput_rps / max(m.throughput_rps, 1e-9):.2f}x slower at concurrency {c}")
+        return out
+
+    def misses(label: str) -> list[str]:
+        return [f"p99 {results[label][c].p99_ms:.1f} ms at concurrency {c}" if results[label][c].errors == 0
+                else f"{results[label][c].errors} errors at concurrency {c}"
+                for c in levels if not results[label][c].slo_met]  # fmt: skip
+
+    rejected: dict[str, str] = {}
+    eligible = []
+    for label in results:
+        why = misses(label) + ([] if label == default else loses(label))
+        if why:
+            rejected[label] = "; ".join(why)
+        else:
+            eligible.append(label)
+    span = f"concurrency {levels[0]}-{peak}" if len(levels) > 1 else f"concurrency {peak}"
+    if eligible:
+        label = max(eligible, key=lambda lb: (results[lb][peak].throughput_rps, -results[lb][levels[0]].p99_ms))
+        gain = results[label][peak].throughput_rps / max(base[peak].throughput_rps, 1e-9)
+        reason = (f"{label}: {gain:.2f}x the default's throughput at concurrency {peak}, p99 within "
+                  f"{slo_p99_ms:g} ms and no slower than the default (beyond noise) at every level of {span}")
+        slo_met = True
+    else:
+        # Nothing meets the SLO everywhere without losing to the default: the default is never worse than itself.
+        label, slo_met = default, False
+        reason = (f"kept the default ({default}): no configuration met the p99 SLO of {slo_p99_ms:g} ms at every "
+                  f"level of {span} without losing to the default; the default: {rejected.get(default, '')}")
+    if label == default and eligible:
+        reason = (f"kept the default ({default}): it meets the SLO at every level of {span} and nothing beats it "
+                  "there without losing elsewhere")  # fmt: skip
+    table = [{"concurrency": c,
+              "chosen": {k: getattr(results[label][c], k) for k in ("throughput_rps", "p50_ms", "p99_ms", "errors")},
+              "default": {k: getattr(base[c], k) for k in ("throughput_rps", "p50_ms", "p99_ms", "errors")},
+              "ratio": results[label][c].throughput_rps / max(base[c].throughput_rps, 1e-9)}
+             for c in levels]  # fmt: skip
+    rejected.pop(label, None)
+    return RangeChoice(label, reason + (f". Rejected: {', '.join(f'{k} ({v})' for k, v in rejected.items())}"
+                                        if rejected else ""), slo_met, table)
 
 
 async def _load(
@@ -179,7 +269,8 @@ def measure(url: str, name: str, *, feeds: dict[str, NDArray[Any]], concurrency:
     return Measurement(
         label=cand.label, candidate=asdict(cand), requests=len(lat), errors=errors,
         throughput_rps=len(lat) / dur, p50_ms=percentile_ms(lat, 50), p90_ms=percentile_ms(lat, 90),
-        p99_ms=percentile_ms(lat, 99),
+        p99_ms=percentile_ms(lat, 99), concurrency=concurrency,
+        throughput_rps_min=len(lat) / dur, throughput_rps_max=len(lat) / dur,
     )
 
 
@@ -206,7 +297,8 @@ def write_outputs(out_dir: Path, results: list[Measurement], chosen: Measurement
         json.dumps({"meta": meta, "slo_p99_ms": slo_p99_ms, "chosen": chosen.label, "results": rows}, indent=2)
     )
     with (out_dir / "results.csv").open("w", newline="") as f:
-        fields = ["label", "requests", "errors", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "slo_met"]
+        fields = ["label", "concurrency", "requests", "errors", "throughput_rps", "throughput_rps_min",
+                  "throughput_rps_max", "p50_ms", "p90_ms", "p99_ms", "slo_met"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -220,7 +312,8 @@ def write_outputs(out_dir: Path, results: list[Measurement], chosen: Measurement
         color = "tab:green" if r.slo_met else "tab:red"
         ax.scatter(r.p99_ms, r.throughput_rps, c=color, s=80 if r is chosen else 30,
                    edgecolors="black" if r is chosen else "none")
-        ax.annotate(r.label, (r.p99_ms, r.throughput_rps), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(f"{r.label} @{r.concurrency}", (r.p99_ms, r.throughput_rps), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
     ax.axvline(slo_p99_ms, color="gray", linestyle="--", label=f"p99 SLO {slo_p99_ms} ms")
     ax.set_xlabel("p99 latency (ms)")
     ax.set_ylabel("throughput (requests/s)")
@@ -265,39 +358,63 @@ def run_profile(req: ProfileRequest) -> dict[str, Any]:
 
     feeds = synthesize_inputs(sig, req.candidates, req.seed)
     grid = candidate_grid(req.instance_counts, req.max_queue_delays_us, req.preferred_batch_sizes)
-    raw: dict[str, list[Measurement]] = {}
+    levels = tuple(sorted(set(req.concurrency_levels))) or (req.concurrency,)
+    raw: dict[tuple[str, int], list[Measurement]] = {}
     configs: dict[str, mc.ModelConfig] = {}
-    total = len(grid) * max(1, req.repeats)
-    with _triton(req) as url, progress_bar(total, "profile", req.show_progress, unit="config") as bar:
+    total = len(grid) * len(levels) * max(1, req.repeats)
+    with _triton(req) as url, progress_bar(total, "profile", req.show_progress, unit="run") as bar:
+        # Rounds interleave the configurations, so drifting host load does not favour one of them.
         for _ in range(max(1, req.repeats)):
             for cand in grid:
                 cfg = apply_candidate(base, cand)
                 load_with_config(url, cfg)
-                m = measure(url, req.name, feeds=feeds, concurrency=req.concurrency, warmup_s=req.warmup_s,
-                            duration_s=req.duration_s, cand=cand)
-                raw.setdefault(m.label, []).append(m)
-                configs[m.label] = cfg
-                bar.update()
-                bar.set_postfix_str(f"{m.label}: {m.throughput_rps:.0f} rps p99 {m.p99_ms:.1f} ms")
-    results = [aggregate(ms) for ms in raw.values()]
-    chosen = choose(results, req.slo_p99_ms)
-    chosen_cfg = configs[chosen.label]
-    meta = {"model": req.name, "candidates": req.candidates, "concurrency": req.concurrency,
+                configs[cand.label] = cfg
+                for level in levels:
+                    m = measure(url, req.name, feeds=feeds, concurrency=level, warmup_s=req.warmup_s,
+                                duration_s=req.duration_s, cand=cand)
+                    raw.setdefault((m.label, level), []).append(m)
+                    bar.update()
+                    bar.set_postfix_str(f"{m.label} @{level}: {m.throughput_rps:.0f} rps p99 {m.p99_ms:.1f} ms")
+    table: dict[str, dict[int, Measurement]] = {}
+    for (label, level), ms in raw.items():
+        table.setdefault(label, {})[level] = aggregate(ms)
+    default_label = grid[0].label
+    choice = choose_for_range(table, default_label, req.slo_p99_ms, noise_floor=req.noise_floor)
+    results = [m for by_level in table.values() for m in by_level.values()]
+    chosen, default = table[choice.label][levels[-1]], table[default_label][levels[-1]]
+    chosen_cfg = configs[choice.label]
+    meta = {"model": req.name, "candidates": req.candidates, "concurrency": ",".join(map(str, levels)),
             "duration_s": req.duration_s, "repeats": req.repeats, "cpu_count": os.cpu_count()}
     files = write_outputs(req.out_dir, results, chosen, chosen_cfg=chosen_cfg, slo_p99_ms=req.slo_p99_ms, meta=meta)
+    tuning = {"slo_p99_ms": req.slo_p99_ms, "concurrency_levels": list(levels), "candidates": req.candidates,
+              "chosen": choice.label, "default": default_label, "reason": choice.reason, "slo_met": choice.slo_met,
+              "table": choice.table, "repeats": req.repeats, "duration_s": req.duration_s}  # fmt: skip
     if req.apply:
         tmp = cfg_path.with_name(".config.pbtxt.tmp")
         tmp.write_text(cfgmod.to_pbtxt(chosen_cfg))
         os.replace(tmp, cfg_path)
-    default = results[0]
+        _record_tuning(req.repo / req.name, tuning)
     return {
         "chosen": asdict(chosen),
         "default": asdict(default),
         "throughput_ratio_vs_default": (
             chosen.throughput_rps / default.throughput_rps if default.throughput_rps else None
         ),
-        "slo_met": chosen.slo_met,
+        "slo_met": choice.slo_met,
+        "reason": choice.reason,
+        "levels": list(levels),
+        "table": choice.table,
         "results": [asdict(r) for r in results],
         "files": files,
         "applied": req.apply,
     }
+
+
+def _record_tuning(model_dir: Path, tuning: dict[str, Any]) -> None:
+    """The choice and why, in each version's build.json (what `inspect` shows)."""
+    for build_json in sorted(model_dir.glob("*/build.json")):
+        report = json.loads(build_json.read_text())
+        report["tuning"] = tuning
+        tmp = build_json.with_name(".build.json.tmp")
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, build_json)

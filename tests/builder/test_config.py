@@ -276,3 +276,56 @@ def test_profile_grid_candidate_configs_and_choice() -> None:
     assert P.choose(results, 1).label == "d"  # none meets it: lowest p99
     agg = P.aggregate([m("a", 100, 10), m("a", 300, 30), m("a", 200, 20)])
     assert (agg.throughput_rps, agg.p99_ms, agg.requests) == (200, 20, 300)
+
+
+def _level(label: str, conc: int, rps: float, p99: float, *, spread: float = 0.0, errors: int = 0) -> Any:
+    from model_repo_builder import profile as P
+
+    return P.Measurement(label, {}, 100, errors, rps, p99 / 2, p99 * 0.8, p99, concurrency=conc,
+                         throughput_rps_min=rps * (1 - spread / 2), throughput_rps_max=rps * (1 + spread / 2))
+
+
+# The measured case: batching with a 5 ms queue delay wins 1.28x at concurrency 16 but is 9x slower at 1.
+QUIET_HOURS_LOSER = {
+    "default": {1: (1250, 0.8), 4: (2000, 2.0), 16: (2200, 8.0), 64: (2250, 30.0)},
+    "delay=5000us": {1: (140, 7.2), 4: (500, 8.5), 16: (2800, 9.0), 64: (3000, 24.0)},
+    "inst=2": {1: (1240, 0.8), 4: (2600, 1.6), 16: (2900, 6.0), 64: (3000, 22.0)},
+    "inst=4": {1: (1200, 0.9), 4: (2500, 1.7), 16: (3100, 6.5), 64: (3400, 40.0)},
+}
+
+
+def _table(spec: dict[str, dict[int, tuple[float, float]]], spread: float = 0.0) -> dict[str, dict[int, Any]]:
+    return {label: {c: _level(label, c, rps, p99, spread=spread) for c, (rps, p99) in levels.items()}
+            for label, levels in spec.items()}  # fmt: skip
+
+
+def test_the_range_choice_never_takes_a_config_that_makes_quiet_hours_slower() -> None:
+    from model_repo_builder import profile as P
+
+    choice = P.choose_for_range(_table(QUIET_HOURS_LOSER), "default", 25.0)
+    # delay=5000us wins at 16 but is 9x slower at 1; inst=4 is fastest at 64 but misses the SLO there.
+    assert choice.label == "inst=2" and choice.slo_met, choice
+    assert "delay=5000us (8.93x slower at concurrency 1; 4.00x slower at concurrency 4)" in choice.reason
+    assert "inst=4 (p99 40.0 ms at concurrency 64)" in choice.reason
+    assert [t["concurrency"] for t in choice.table] == [1, 4, 16, 64]
+    assert choice.table[-1]["ratio"] == pytest.approx(3000 / 2250)
+    assert choice.table[0]["ratio"] == pytest.approx(1240 / 1250)  # 0.8% slower at 1: noise, not a loss
+
+
+def test_the_range_choice_keeps_the_default_when_nothing_qualifies_and_says_why() -> None:
+    from model_repo_builder import profile as P
+
+    spec = {"default": {1: (1000, 1.0), 64: (2000, 30.0)}, "batching": {1: (100, 9.0), 64: (4000, 20.0)}}
+    choice = P.choose_for_range(_table(spec), "default", 25.0)
+    assert choice.label == "default" and not choice.slo_met
+    assert "no configuration met the p99 SLO of 25 ms at every level of concurrency 1-64" in choice.reason
+    assert "p99 30.0 ms at concurrency 64" in choice.reason
+
+
+def test_a_difference_within_the_measured_spread_is_not_a_loss() -> None:
+    from model_repo_builder import profile as P
+
+    spec = {"default": {1: (1000, 1.0), 8: (2000, 3.0)}, "inst=2": {1: (850, 1.1), 8: (3000, 2.5)}}
+    assert P.choose_for_range(_table(spec), "default", 25.0).label == "default"  # 15% slower at 1: a loss
+    noisy = P.choose_for_range(_table(spec, spread=0.1), "default", 25.0)  # 10% spread on each side: noise
+    assert noisy.label == "inst=2", noisy.reason

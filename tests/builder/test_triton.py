@@ -125,6 +125,33 @@ def test_profile_writes_choice_table_and_plot(python_repo: Path, tmp_path: Path)
     assert json.loads((out / "results.json").read_text())["chosen"] == result["chosen"]["label"]
 
 
+def test_profile_over_a_load_range_records_the_choice_and_why_in_build_json(
+    python_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every configuration at every level; --apply writes the chosen config and its table into build.json, which
+    `inspect` shows."""
+    import shutil
+
+    from tests.builder.helpers import run_cli
+
+    repo = tmp_path / "repo"
+    shutil.copytree(python_repo, repo)
+    r = run_cli(capsys, "profile", "--repo", repo, "--name", "ctr", "--candidates", "32", "--concurrency-levels",
+                "1,4", "--slo-p99-ms", "1000", "--max-queue-delays-us", "500", "--instance-counts", "1,2",
+                "--duration-s", "0.5", "--out", tmp_path / "profile", "--apply", "--json")  # fmt: skip
+    assert r.code == 0, r.err
+    result = r.json
+    assert result["levels"] == [1, 4] and [t["concurrency"] for t in result["table"]] == [1, 4]
+    assert len(result["results"]) == 4 * 2  # every configuration at every level
+    assert {m["concurrency"] for m in result["results"]} == {1, 4}
+    assert result["reason"] and result["slo_met"]
+    tuning = json.loads((repo / "ctr" / "1" / "build.json").read_text())["tuning"]
+    assert tuning["chosen"] == result["chosen"]["label"] and tuning["concurrency_levels"] == [1, 4]
+    assert tuning["reason"] == result["reason"]
+    shown = run_cli(capsys, "inspect", repo / "ctr", "--json")
+    assert shown.code == 0 and shown.json["model"]["tuning"]["chosen"] == tuning["chosen"]
+
+
 _RECORDING_MODEL = '''
 import json
 import numpy as np

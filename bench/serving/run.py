@@ -206,7 +206,9 @@ def write_default_config(repo: Path) -> str:
 def profile_repository(repo: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """`model-repo-builder profile --apply`: sweep instances x dynamic batching under the p99 SLO, keep the best."""
     stdout = sh([sys.executable, "-m", "model_repo_builder", "profile", "--repo", str(repo), "--name", MODEL_NAME,
-                 "--candidates", str(args.candidates), "--concurrency", str(args.profile_concurrency),
+                 "--candidates", str(args.candidates),
+                 *(["--concurrency", str(args.profile_concurrency)] if args.profile_concurrency
+                   else ["--concurrency-levels", args.concurrency]),
                  "--slo-p99-ms", str(args.slo_p99_ms), "--duration-s", str(args.profile_duration_s),
                  "--out", str(out / "profile"), "--apply", "--json"], out / "logs" / "profile.log", timeout=1800)
     return json.loads(stdout)
@@ -385,7 +387,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved rounds; medians are reported (default 3; quick 2)")
     p.add_argument("--warmup-s", type=float, help="default 1; quick 0.5")
     p.add_argument("--max-batch-size", type=int, default=1024, help="Triton max_batch_size (dynamic batch ceiling)")
-    p.add_argument("--profile-concurrency", type=int, default=8, help="operating point `profile` tunes for")
+    p.add_argument("--profile-concurrency", type=int, default=0,
+                   help="tune for this one operating point (default: over every --concurrency level, as a tuner must)")
     p.add_argument("--profile-duration-s", type=float, help="per profiled config (default 3; quick 2)")
     p.add_argument("--slo-p99-ms", type=float, default=50.0)
     p.add_argument("--baseline-payload", choices=("json", "binary", "both"), default="both",

@@ -181,8 +181,8 @@ def test_load_raises_the_queue_time_metric_and_the_hpa_scales_the_revision_to_tw
         assert current["pods"]["metric"]["name"] == QUEUE_TIME_METRIC
         assert _quantity(current["pods"]["current"]["averageValue"]) > TARGET_QUEUE_US, current
 
-        # 3. It scales the revision's Deployment to maxReplicas, and the second Triton pod (its own model build
-        #    first, ~1 min) becomes ready.
+        # 3. It scales the revision's Deployment to maxReplicas, and the second Triton pod (it only fetches the
+        #    revision's built artifact) becomes ready.
         def scaled() -> dict[str, Any] | None:
             deployment = get(cluster, "deployment", name, "-n", ns) or {}
             return deployment if deployment.get("spec", {}).get("replicas") == 2 else None
@@ -196,8 +196,13 @@ def test_load_raises_the_queue_time_metric_and_the_hpa_scales_the_revision_to_tw
         _explained(cluster, ns, name, load, lambda: wait_for(both_ready, 600, 5, f"2 ready pods of {ns}/{name}"))
         pods = get(cluster, "pods", "-n", ns, "-l", selector)["items"]
         assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {NODE}
-        hpa_status = get(cluster, "hpa", name, "-n", ns)["status"]
-        assert hpa_status["desiredReplicas"] == 2 and hpa_status["currentReplicas"] == 2, hpa_status
+        # The HPA controller records the new scale at its next sync (every 15 s), after the pod is already Ready.
+        def counted() -> dict[str, Any] | None:
+            status: dict[str, Any] = get(cluster, "hpa", name, "-n", ns)["status"]
+            return status if status.get("currentReplicas") == 2 else None
+
+        hpa_status = wait_for(counted, 60, 2, "the HPA to count 2 replicas")
+        assert hpa_status["desiredReplicas"] == 2, hpa_status
         assert _counts(cluster, ns, load)["ok"] > 0, "the load client got answers through the router"
     finally:
         if load:

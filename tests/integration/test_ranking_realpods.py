@@ -36,24 +36,30 @@ CLAIM = "models"
 N_CANDIDATES = 300
 REQUEST_COLUMNS = "0-15,28-31"
 
-# Runs in the operator image (tritonclient): one HTTP and one gRPC ranking request through the router.
+# Runs in the operator image: one KServe v2 ranking request over HTTP (plain JSON) and one over gRPC
+# (tritonclient), both through the router by Service DNS, and the served config.
 CLIENT = """
-import json, os, numpy as np
-import tritonclient.grpc as grpcclient, tritonclient.http as httpclient
-feeds = {k: np.asarray(v, dtype=np.int64 if k == "k" else np.float32)
-         for k, v in json.loads(os.environ["FEEDS"]).items()}
-out = {}
-for proto, mod, url in (("http", httpclient, os.environ["HTTP"]), ("grpc", grpcclient, os.environ["GRPC"])):
-    client = mod.InferenceServerClient(url)
-    inputs = []
-    for name, arr in feeds.items():
-        inp = mod.InferInput(name, list(arr.shape), "INT64" if name == "k" else "FP32")
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    res = client.infer(os.environ["MODEL"], inputs)
-    out[proto] = {"indices": res.as_numpy("indices").tolist(), "scores": res.as_numpy("scores").tolist()}
-    if proto == "http":
-        out["config"] = client.get_model_config(os.environ["MODEL"])
+import json, os, urllib.request
+import numpy as np
+import tritonclient.grpc as grpcclient
+feeds = json.loads(os.environ["FEEDS"])
+http, model = os.environ["HTTP"], os.environ["MODEL"]
+body = {"inputs": [{"name": n, "shape": list(np.shape(v)), "datatype": "INT64" if n == "k" else "FP32",
+                    "data": np.ravel(v).tolist()} for n, v in feeds.items()]}
+req = urllib.request.Request(f"{http}/v2/models/{model}/infer", data=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+outputs = {o["name"]: o["data"] for o in json.loads(urllib.request.urlopen(req, timeout=30).read())["outputs"]}
+out = {"http": {"indices": outputs["indices"], "scores": outputs["scores"]}}
+out["config"] = json.loads(urllib.request.urlopen(f"{http}/v2/models/{model}/config", timeout=30).read())
+client = grpcclient.InferenceServerClient(os.environ["GRPC"])
+inputs = []
+for name, value in feeds.items():
+    arr = np.asarray(value, dtype=np.int64 if name == "k" else np.float32)
+    inp = grpcclient.InferInput(name, list(arr.shape), "INT64" if name == "k" else "FP32")
+    inp.set_data_from_numpy(arr)
+    inputs.append(inp)
+res = client.infer(model, inputs)
+out["grpc"] = {"indices": res.as_numpy("indices").tolist(), "scores": res.as_numpy("scores").tolist()}
 print(json.dumps(out))
 """
 
@@ -91,7 +97,7 @@ def test_a_ranking_model_answers_the_source_models_top_k_over_http_and_grpc_thro
         assert "--ranking-request-columns" in build["spec"]["containers"][0]["args"]
         endpoints = rm["status"]["endpoints"]
         out = json.loads(run_client_pod(cluster, ns, CLIENT, image=images.operator_image(), timeout=180, env={
-            "FEEDS": json.dumps(feeds), "HTTP": endpoints["http"].removeprefix("http://"), "GRPC": endpoints["grpc"],
+            "FEEDS": json.dumps(feeds), "HTTP": endpoints["http"], "GRPC": endpoints["grpc"],
             "MODEL": MODEL}).strip().splitlines()[-1])  # fmt: skip
     finally:
         cluster.kubectl("delete", "recommendermodel", MODEL, "-n", ns, "--ignore-not-found", "--wait=true",

@@ -192,10 +192,22 @@ def add_ranking_head(model: onnx.ModelProto, layout: RankingLayout) -> onnx.Mode
               numpy_helper.from_array(np.array([layout.max_k], np.int64), f"{_PREFIX}max_k"),
               numpy_helper.from_array(np.array([-1], np.int64), f"{_PREFIX}flat")]  # fmt: skip
     n = f"{_PREFIX}n"
-    nodes += [helper.make_node("Shape", [layout.candidate_feed], [f"{_PREFIX}cand_shape"]),
-              helper.make_node("Slice", [f"{_PREFIX}cand_shape", f"{_PREFIX}zero", f"{_PREFIX}one"], [n])]  # fmt: skip
+    if opset >= 15:  # Shape's start/end: N in one node
+        nodes.append(helper.make_node("Shape", [layout.candidate_feed], [n], start=0, end=1))
+    else:
+        nodes += [helper.make_node("Shape", [layout.candidate_feed], [f"{_PREFIX}cand_shape"]),
+                  helper.make_node("Slice", [f"{_PREFIX}cand_shape", f"{_PREFIX}zero", f"{_PREFIX}one"], [n])]
     new_inputs: list[onnx.ValueInfoProto] = []
+    split = _split_first_matmul(g, layout) if layout.by_columns else None
     if layout.by_columns:
+        (x,) = layout.model_input_names
+        new_inputs += [helper.make_tensor_value_info(REQUEST_INPUT, elem[x], [1, len(layout.request_columns)]),
+                       helper.make_tensor_value_info(CANDIDATES_INPUT, elem[x], ["candidates",
+                                                                                 len(layout.candidate_columns)])]
+        kept = [i for i in g.input if i.name != x]
+    if split is not None:
+        nodes += split
+    elif layout.by_columns:
         (x,) = layout.model_input_names
         order = [*layout.request_columns, *layout.candidate_columns]  # the columns of Concat(request, candidates)
         perm = np.argsort(np.array(order, np.int64)).astype(np.int64)  # model column j sits at Concat column perm[j]
@@ -203,10 +215,6 @@ def add_ranking_head(model: onnx.ModelProto, layout: RankingLayout) -> onnx.Mode
         nodes += _broadcast(REQUEST_INPUT, n, f"{_PREFIX}request_rows")
         nodes += [helper.make_node("Concat", [f"{_PREFIX}request_rows", CANDIDATES_INPUT], [f"{_PREFIX}rows"], axis=1),
                   helper.make_node("Gather", [f"{_PREFIX}rows", f"{_PREFIX}column_order"], [x], axis=1)]  # fmt: skip
-        new_inputs += [helper.make_tensor_value_info(REQUEST_INPUT, elem[x], [1, len(layout.request_columns)]),
-                       helper.make_tensor_value_info(CANDIDATES_INPUT, elem[x], ["candidates",
-                                                                                 len(layout.candidate_columns)])]
-        kept = [i for i in g.input if i.name != x]
     else:
         kept = []
         for inp in g.input:
@@ -232,7 +240,8 @@ def add_ranking_head(model: onnx.ModelProto, layout: RankingLayout) -> onnx.Mode
     body = list(g.node)
     del g.node[:]
     g.node.extend([*nodes, *body, *post])
-    g.initializer.extend(consts)
+    used = {i for node in g.node for i in node.input}
+    g.initializer.extend(c for c in consts if c.name in used)
     del g.input[:]
     g.input.extend([*new_inputs, helper.make_tensor_value_info(K_INPUT, TensorProto.INT64, [1]), *kept])
     score_type = next((o.type.tensor_type.elem_type for o in model.graph.output if o.name == layout.model_output),
@@ -244,6 +253,39 @@ def add_ranking_head(model: onnx.ModelProto, layout: RankingLayout) -> onnx.Mode
     del g.value_info[:]
     onnx.checker.check_model(out)
     return out
+
+
+def _split_first_matmul(graph: onnx.GraphProto, layout: RankingLayout) -> list[onnx.NodeProto] | None:
+    """When the model's input feeds only a MatMul with constant weights W (a Keras Dense layer), its request
+    columns are multiplied once per request instead of once per candidate:
+
+        features @ W  ==  candidates @ W[candidate_columns]  +  request @ W[request_columns]   (broadcast over N)
+
+    The MatMul is replaced in `graph` (its weights split into two initializers) and the replacement nodes are
+    returned; None when the pattern does not hold (the head then broadcasts the request row and gathers)."""
+    (x,) = layout.model_input_names
+    users = [n for n in graph.node if x in n.input]
+    inits = {i.name: i for i in graph.initializer}
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != x:
+        return None
+    matmul = users[0]
+    weights = inits.get(matmul.input[1])
+    if weights is None or len(weights.dims) != 2 or any(matmul.input[1] in n.input for n in graph.node
+                                                        if n is not matmul):  # fmt: skip
+        return None
+    w = numpy_helper.to_array(weights)
+    if w.shape[0] != len(layout.request_columns) + len(layout.candidate_columns):
+        return None
+    req_w, cand_w = f"{_PREFIX}request_weights", f"{_PREFIX}candidate_weights"
+    graph.initializer.remove(weights)
+    graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(w[list(layout.request_columns)]), req_w),
+                              numpy_helper.from_array(np.ascontiguousarray(w[list(layout.candidate_columns)]),
+                                                      cand_w)])  # fmt: skip
+    out = matmul.output[0]
+    graph.node.remove(matmul)
+    return [helper.make_node("MatMul", [REQUEST_INPUT, req_w], [f"{_PREFIX}request_part"]),
+            helper.make_node("MatMul", [CANDIDATES_INPUT, cand_w], [f"{_PREFIX}candidate_part"]),
+            helper.make_node("Add", [f"{_PREFIX}candidate_part", f"{_PREFIX}request_part"], [out])]  # fmt: skip
 
 
 def _broadcast(name: str, n: str, rows: str) -> list[onnx.NodeProto]:

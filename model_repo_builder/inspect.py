@@ -22,15 +22,16 @@ def _model_dir_info(model_dir: Path) -> dict[str, Any]:
         info["options"] = dataclasses.asdict(cfgmod.options_from_config(cfg))
         sig = cfgmod.signature_from_config(cfg)
         info["signature"] = dataclasses.asdict(sig) if sig else None
-    versions = {}
+    versions: dict[str, dict[str, Any]] = {}
+    builds: list[dict[str, Any]] = []
     for vdir in sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
         build_json = vdir / "build.json"
-        versions[vdir.name] = {
-            "files": sorted(p.name for p in vdir.iterdir()),
-            "build": json.loads(build_json.read_text()) if build_json.exists() else None,
-        }
+        build = json.loads(build_json.read_text()) if build_json.exists() else None
+        versions[vdir.name] = {"files": sorted(p.name for p in vdir.iterdir()), "build": build}
+        if isinstance(build, dict):
+            builds.append(build)
     info["versions"] = versions
-    tuned = [v["build"]["tuning"] for v in versions.values() if (v["build"] or {}).get("tuning")]
+    tuned = [b["tuning"] for b in builds if b.get("tuning")]
     if tuned:
         info["tuning"] = tuned[-1]  # `profile --apply`'s choice over the load range, and why
     return info

@@ -37,6 +37,9 @@ ROLLOUT_ACTION_ANNOTATION = "recserve.dev/rollout-action"
 # The container that builds a revision's model repository: the init container of every serving pod, or, with a
 # model store, the one container of the revision's build Job (its log is `kubectl recserve build-log`).
 BUILDER_CONTAINER = "model-repo-builder"
+# With spec.serving.tuning, the build Job's builder is its init container; then a Triton sidecar serves the built
+# engine and this container measures it, writes the chosen configuration and publishes the artifact.
+TUNER_CONTAINER = "tune"
 # With a model store: the serving pods' init container that fetches and verifies the built artifact.
 FETCH_CONTAINER = "fetch-artifact"
 # On a serving pod template: the artifact it fetches (its digest is what the build reported).

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from recserve_operator.builders.deployment import GPU_RESOURCE, TRITON_CONTAINER
-from recserve_operator.names import BUILDER_CONTAINER, FETCH_CONTAINER, INSTANCE_LABEL, REVISION_LABEL, build_job_name
+from recserve_operator.names import (
+    BUILDER_CONTAINER,
+    FETCH_CONTAINER,
+    INSTANCE_LABEL,
+    REVISION_LABEL,
+    TUNER_CONTAINER,
+    build_job_name,
+)
 
 _MAX_MESSAGE = 1024
 
@@ -29,6 +36,7 @@ class RevisionObservation:
     insufficient_gpu: bool = False
     container_failing: str | None = None
     artifact: tuple[str, str] | None = None  # (key, digest) its build Job published, with a model store
+    tuned: str | None = None  # the configuration its build Job's tuning chose (spec.serving.tuning)
 
 
 def _builder_message(terminated: Mapping[str, Any], container: str = BUILDER_CONTAINER) -> str:
@@ -150,16 +158,52 @@ class BuildObservation:
     failed: str | None = None
     unschedulable: str | None = None
     insufficient_gpu: bool = False
+    tuned: str | None = None  # with spec.serving.tuning: the configuration the build chose, and against what
 
 
-def _published(terminated: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """(key, digest) from a finished build's termination message (model-repo-builder --termination-log)."""
+def _outcome(terminated: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished build's termination message (model-repo-builder --termination-log): its last line, as JSON."""
     try:
         outcome = json.loads(str(terminated.get("message") or "").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+    return outcome if isinstance(outcome, dict) else {}
+
+
+def _published(outcome: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(key, digest) of the artifact a build published or reused."""
+    try:
         artifact = outcome["artifact"]
         return str(artifact["key"]), str(artifact["digest"])
-    except (ValueError, IndexError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None, None
+
+
+def _tuned(outcome: Mapping[str, Any]) -> str | None:
+    """'inst=2 delay=1000us pref=- (p99 within 25 ms at concurrency 1-64)', or why not."""
+    tuning = outcome.get("tuning")
+    if not isinstance(tuning, dict) or not tuning.get("chosen"):
+        return None
+    levels = tuning.get("concurrency_levels") or []
+    span = f"concurrency {min(levels)}-{max(levels)}" if levels else "the load range"
+    verdict = "within" if tuning.get("slo_met") else "not within (no configuration met it)"
+    return f"{tuning['chosen']} (p99 {verdict} {tuning.get('slo_p99_ms')} ms at {span})"
+
+
+def _deciding_state(pods: Iterable[Mapping[str, Any]]) -> tuple[str, Mapping[str, Any]] | None:
+    """(container, terminated state) that decides a build pod: a builder that failed as the init container (with
+    tuning), else the container that publishes (the builder, or the tuner with tuning), once it has ended."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        for cs in status.get("initContainerStatuses") or []:
+            t = (cs.get("state") or {}).get("terminated")
+            if cs.get("name") == BUILDER_CONTAINER and t and t.get("exitCode", 1) != 0:
+                return BUILDER_CONTAINER, t
+        for cs in status.get("containerStatuses") or []:
+            t = (cs.get("state") or {}).get("terminated")
+            if cs.get("name") in (BUILDER_CONTAINER, TUNER_CONTAINER) and t:
+                return str(cs["name"]), t
+    return None
 
 
 def observe_build(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]]) -> BuildObservation:
@@ -170,16 +214,15 @@ def observe_build(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any
     name = (job.get("metadata") or {}).get("name", "")
     log = f"(log: kubectl logs job/{name})"
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    terminated = next((t for p in live for cs in (p.get("status") or {}).get("containerStatuses") or []
-                       if cs.get("name") == BUILDER_CONTAINER and (t := (cs.get("state") or {}).get("terminated"))),
-                      None)  # fmt: skip
+    container, terminated = _deciding_state(live) or (BUILDER_CONTAINER, None)
     if "Complete" in conditions or (terminated is not None and terminated.get("exitCode", 1) == 0):
-        key, digest = _published(terminated or {})
+        outcome = _outcome(terminated or {})
+        key, digest = _published(outcome)
         if digest is None:
             return BuildObservation(True, failed=f"the build finished without reporting its artifact {log}")
-        return BuildObservation(True, key=key, digest=digest)
+        return BuildObservation(True, key=key, digest=digest, tuned=_tuned(outcome))
     if terminated is not None:
-        return BuildObservation(True, failed=f"{_builder_message(terminated)} {log}"[:_MAX_MESSAGE])
+        return BuildObservation(True, failed=f"{_builder_message(terminated, container)} {log}"[:_MAX_MESSAGE])
     if "Failed" in conditions:
         failed = conditions["Failed"]
         reason = f"{failed.get('reason') or 'Failed'}: {failed.get('message') or ''}".strip(": ")
@@ -200,6 +243,7 @@ def with_build(obs: RevisionObservation | None, revision: str, build: BuildObser
         building=base.building or build.building,
         build_failed=build.failed or base.build_failed,
         artifact=(build.key, build.digest) if build.key and build.digest else base.artifact,
+        tuned=build.tuned or base.tuned,
         unschedulable=base.unschedulable or build.unschedulable,
         insufficient_gpu=base.insufficient_gpu or build.insufficient_gpu,
     )

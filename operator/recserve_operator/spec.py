@@ -125,6 +125,22 @@ class Ranking:
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """Choose dynamic batching and the instance count by measurement in the revision's build Job, on its GPU
+    product against the built engine (model_repo_builder.profile): the most throughput at the range's peak
+    among the configurations whose p99 meets the SLO at every concurrency level and that are never slower
+    than Triton's default at any level beyond the measured noise."""
+
+    slo_p99_ms: int
+    concurrency_levels: tuple[int, ...] = (1, 4, 16, 64)
+    candidates_per_request: int = 64
+    instance_counts: tuple[int, ...] = (1, 2)
+    max_queue_delays_us: tuple[int, ...] = (0, 1000, 5000)
+    duration_seconds: int = 3
+    rounds: int = 1
+
+
+@dataclass(frozen=True)
 class Serving:
     max_batch_size: int = 256
     dynamic_batching: DynamicBatchingSpec | None = None
@@ -143,6 +159,8 @@ class Serving:
     warmup: bool = field(default=True, metadata={"revision": "unless-default"})
     # A different served graph (a new revision); added later, so unset stays out of the revision hash.
     ranking: Ranking | None = field(default=None, metadata={"revision": "unless-default"})
+    # Tuning changes the served configuration (a new revision); unset stays out of the revision hash.
+    tuning: Tuning | None = field(default=None, metadata={"revision": "unless-default"})
 
 
 @dataclass(frozen=True)
@@ -361,6 +379,7 @@ def _parse_serving(m: Mapping[str, Any]) -> Serving:
     cache = m.get("buildCache")
     claim = _str(_obj(cache, f"{p}.buildCache"), "claimName", f"{p}.buildCache") if cache is not None else None
     ranking = _parse_ranking(_obj(m["ranking"], f"{p}.ranking")) if m.get("ranking") is not None else None
+    tuning = _parse_tuning(_obj(m["tuning"], f"{p}.tuning"), max_batch) if m.get("tuning") is not None else None
     return Serving(
         max_batch_size=max_batch,
         dynamic_batching=db,
@@ -375,7 +394,37 @@ def _parse_serving(m: Mapping[str, Any]) -> Serving:
         build_cache_claim=claim,
         warmup=warmup,
         ranking=ranking,
+        tuning=tuning,
     )
+
+
+def _int_set(m: Mapping[str, Any], key: str, path: str, default: tuple[int, ...], lo: int, hi: int) -> tuple[int, ...]:  # noqa: PLR0917
+    """A list of distinct integers in lo..hi, sorted; `default` when absent."""
+    values = m.get(key)
+    if values is None:
+        return default
+    if (not isinstance(values, list) or not values
+            or any(isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi for v in values)):  # fmt: skip
+        raise InvalidSpec(f"{path}.{key} must be a non-empty list of integers in {lo}..{hi}, got {values!r}")
+    if len(set(values)) != len(values):
+        raise InvalidSpec(f"{path}.{key} must not repeat")
+    return tuple(sorted(values))
+
+
+def _parse_tuning(m: Mapping[str, Any], max_batch: int) -> Tuning:
+    p = "spec.serving.tuning"
+    tuning = Tuning(
+        slo_p99_ms=_int(m, "sloP99Milliseconds", p, None, 1, 60000),
+        concurrency_levels=_int_set(m, "concurrencyLevels", p, Tuning.concurrency_levels, 1, 1024),
+        candidates_per_request=_int(m, "candidatesPerRequest", p, 64, 1, 65536),
+        instance_counts=_int_set(m, "instanceCounts", p, Tuning.instance_counts, 1, 16),
+        max_queue_delays_us=_int_set(m, "maxQueueDelaysMicroseconds", p, Tuning.max_queue_delays_us, 0, 1_000_000),
+        duration_seconds=_int(m, "durationSeconds", p, 3, 1, 60),
+        rounds=_int(m, "rounds", p, 1, 1, 5),
+    )
+    if tuning.candidates_per_request > max_batch:
+        raise InvalidSpec(f"{p}.candidatesPerRequest must not exceed spec.serving.maxBatchSize ({max_batch})")
+    return tuning
 
 
 def _parse_ranking(m: Mapping[str, Any]) -> Ranking:
@@ -422,6 +471,10 @@ def parse_spec(spec: Mapping[str, Any], *, default_prometheus: str = "") -> Reco
         raise InvalidSpec("spec.serving.ranking is served by ONNX Runtime (its head is not built into TensorRT plans "
                           "yet): set spec.optimize.backend to onnxruntime (fp16 on GPUs through its TensorRT "
                           "accelerator)")  # fmt: skip
+    if s.ranking is not None and s.tuning is not None:
+        raise InvalidSpec("spec.serving.tuning measures batched requests, and a ranking model has no batch "
+                          "dimension (a request's candidates are its batch): drop tuning, or set "
+                          "spec.serving.instances.count")  # fmt: skip
     return parsed
 
 

@@ -159,13 +159,25 @@ def _repository(
         backend = spec.resolved_backend
         return c.Condition(
             c.MODEL_REPOSITORY_READY, "True", c.BUILT,
-            f"model version {spec.model.version} built for {backend}/{spec.optimize.precision} (revision {latest})",
+            f"model version {spec.model.version} built for {backend}/{spec.optimize.precision} (revision {latest})"
+            + _tuning_note(spec, lt),
         )  # fmt: skip
     if lt.building:
         return c.Condition(
             c.MODEL_REPOSITORY_READY, "False", c.BUILDING, f"model-repo-builder is building revision {latest}"
         )
     return c.Condition(c.MODEL_REPOSITORY_READY, "False", c.PENDING, f"waiting for pods of revision {latest}")
+
+
+def _tuning_note(spec: RecommenderModelSpec, lt: RevisionObservation) -> str:
+    if spec.serving.tuning is None:
+        return ""
+    if lt.tuned:
+        return f"; tuned: {lt.tuned}"
+    if lt.artifact is None:
+        return ("; spec.serving.tuning not applied: it runs in the revision's build Job, which needs a model store "
+                "(the chart's modelStore)")  # fmt: skip
+    return ""
 
 
 def _ready(st: RevisionObservation, stable: str) -> c.Condition:

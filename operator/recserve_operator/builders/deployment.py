@@ -230,6 +230,32 @@ def fetch_container(defaults: OperatorDefaults, key: str, digest: str) -> dict[s
     return container
 
 
+def triton_container(spec: RecommenderModelSpec, defaults: OperatorDefaults, args: list[str]) -> dict[str, Any]:
+    """Triton serving /models with the serving pods' resources (a build Job's tuning sidecar is the same server)."""
+    return {
+        "name": TRITON_CONTAINER,
+        "image": spec.serving.triton_image or defaults.triton_image,
+        "imagePullPolicy": defaults.image_pull_policy,
+        "command": ["tritonserver"],
+        "args": args,
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "resources": _resources(spec),
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+# Triton's shared-memory pools live in /dev/shm; the default 64 MiB is too small for large batches.
+DSHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
+
+
 def pod_basics(account: str | None) -> dict[str, Any]:
     """Service account token, environment and security context shared by serving and build pods."""
     basics: dict[str, Any] = {
@@ -270,14 +296,10 @@ def build_deployment(
     `artifact` (key, digest): the revision was built once and published to the model store; the pods' init
     container only fetches and verifies it. Without it every pod builds the model in its init container."""
     s = spec.serving
-    triton_image = s.triton_image or defaults.triton_image
     checksum = config_checksum(build_configmap(spec, ids))
-    resources = _resources(spec)
     model_ready = f"/v2/models/{ids.name}/ready"
-    mounts = [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
     template_annotations = {CONFIG_CHECKSUM_ANNOTATION: checksum, MODEL_VERSION_ANNOTATION: str(spec.model.version)}
-    # Triton's shared-memory pools live in /dev/shm; the default 64 MiB is too small for large batches.
-    dshm = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
+    dshm = copy.deepcopy(DSHM_VOLUME)
     if artifact is None:
         init_container, volumes = builder_container(spec, ids, defaults)
         volumes.insert(3, dshm)  # after models, tmp and config: the order pod templates have always had
@@ -289,19 +311,7 @@ def build_deployment(
         credentials = None  # the pods never read the model source: no keys, no workload identity
 
     triton: dict[str, Any] = {
-        "name": TRITON_CONTAINER,
-        "image": triton_image,
-        "imagePullPolicy": defaults.image_pull_policy,
-        "command": ["tritonserver"],
-        "args": triton_args(ids),
-        "ports": [
-            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
-            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-        ],
-        "env": [{"name": "HOME", "value": "/tmp"}],
-        "resources": resources,
-        "securityContext": _container_security(),
+        **triton_container(spec, defaults, triton_args(ids)),
         # Loading a large engine (and its warmup: Triton reports ready only after the config's model_warmup
         # requests ran) takes minutes; the startup probe holds liveness off until the model is ready (10 min).
         # Both probes look every 2 s: a pod is Ready within 2-4 s of its model (a 10 s startup period held a
@@ -313,8 +323,6 @@ def build_deployment(
         # A revision leaving the Service (promotion, rollback, scale-down) keeps serving until every
         # kube-proxy and router has dropped its endpoint; Triton then finishes in-flight requests on SIGTERM.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
-        "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
-        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
     account = credentials.service_account_name if credentials is not None else None

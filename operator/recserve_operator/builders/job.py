@@ -26,6 +26,7 @@ from recserve_operator.spec import RecommenderModelSpec, Tuning
 TERMINATION_LOG = "/dev/termination-log"
 # A build that has not finished in an hour is stuck (a download that hangs, a GPU that never frees).
 BUILD_DEADLINE_S = 3600
+TUNER_MEMORY, TUNER_MEMORY_LIMIT = "512Mi", "2Gi"
 
 
 def artifact_prefix(ids: Ids) -> str:
@@ -93,7 +94,8 @@ def tuning_containers(
     triton["restartPolicy"] = "Always"
     triton["startupProbe"] = {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 1,
                               "failureThreshold": 600}  # fmt: skip
-    requests = {k: v for k, v in triton["resources"]["requests"].items() if k != GPU_RESOURCE}
+    # The load generator needs the CPU the serving pods ask for, little memory, and no GPU (the sidecar holds it).
+    requests = {"cpu": triton["resources"]["requests"]["cpu"], "memory": TUNER_MEMORY}
     tuner = {
         "name": TUNER_CONTAINER,
         "image": spec.serving.builder_image or defaults.builder_image,
@@ -102,8 +104,7 @@ def tuning_containers(
         "args": [*tuner_args(tuning, ids), *publish, "--json"],
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "MPLCONFIGDIR", "value": "/tmp/.matplotlib"}],
         "envFrom": store_env_from(defaults),
-        # The load generator: CPU, no GPU (the sidecar holds it).
-        "resources": {"requests": requests, "limits": {"memory": requests["memory"]}},
+        "resources": {"requests": requests, "limits": {"memory": TUNER_MEMORY_LIMIT}},
         "securityContext": copy.deepcopy(triton["securityContext"]),
         "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -56,6 +56,7 @@ class BuildRequest:
     opset: int = convert.DEFAULT_OPSET
     s3_endpoint: str | None = None
     max_download_bytes: int | None = None
+    max_extracted_bytes: int | None = None  # an archive source's extracted size (None: twice the download limit)
     overwrite: bool = False
     cache_dir: str | None = None  # default: $MODEL_REPO_BUILDER_CACHE_DIR; unset = no cache
     show_progress: bool = False
@@ -267,7 +268,7 @@ def _fetch_source(b: _Build) -> FetchedSource:
     req = b.req
     kwargs: dict[str, Any] = {"max_bytes": req.max_download_bytes} if req.max_download_bytes else {}
     return fetch(req.source, b.staging, sha256=req.sha256, s3_endpoint=req.s3_endpoint,
-                 show_progress=req.show_progress, **kwargs)  # fmt: skip
+                 max_extracted_bytes=req.max_extracted_bytes, show_progress=req.show_progress, **kwargs)  # fmt: skip
 
 
 def _cache_key(b: _Build, src: FetchedSource, fmt: str) -> str:

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--opset", type=_positive_int, default=17)
     b.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     b.add_argument("--max-download-bytes", type=_positive_int)
+    b.add_argument("--max-extracted-bytes", type=_positive_int,
+                   help="refuse an archive source that extracts to more (default: twice the download limit)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     b.add_argument("--cache-dir", help="reuse/store verified builds here (default: $MODEL_REPO_BUILDER_CACHE_DIR)")
     b.add_argument("--store", help="publish the built tree to this model store: s3://bucket[/prefix] or file:///dir")
@@ -194,7 +196,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         config_template=args.config_template,
         parity_max_abs_error=args.parity_max_abs_error, parity_samples=args.parity_samples,
         parity_data=args.parity_data, opset=args.opset, s3_endpoint=args.s3_endpoint,
-        max_download_bytes=args.max_download_bytes, overwrite=args.overwrite, cache_dir=args.cache_dir,
+        max_download_bytes=args.max_download_bytes, max_extracted_bytes=args.max_extracted_bytes,
+        overwrite=args.overwrite, cache_dir=args.cache_dir,
         show_progress=progress_enabled(args.json), ranking=_ranking_spec(args),
     )
     result = build(req)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from model_repo_builder import archive
 from model_repo_builder.errors import BadInputError, MissingRuntimeError, UsageError
 from model_repo_builder.progress import progress_bar
 
@@ -19,7 +18,6 @@ DEFAULT_PVC_ROOT = "/mnt/pvc"
 PVC_ROOT_ENV = "RECSERVE_PVC_ROOT"
 DEFAULT_MAX_BYTES = 4 << 30  # refuse downloads above 4 GiB unless raised: ranking models are far smaller
 _CHUNK = 1 << 20
-_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
 @dataclass(frozen=True)
@@ -68,24 +66,11 @@ def _local(path: Path, uri: str) -> Path:
     return path
 
 
-def _maybe_extract(path: Path, workdir: Path) -> Path:
-    name = path.name.lower()
-    if not name.endswith(_ARCHIVE_SUFFIXES):
+def _maybe_extract(path: Path, workdir: Path, limits: archive.Limits) -> Path:
+    if not path.name.lower().endswith(archive.ARCHIVE_SUFFIXES):
         return path
     out = workdir / "extracted"
-    out.mkdir(exist_ok=True)
-    try:
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(path) as zf:
-                for member in zf.namelist():
-                    if member.startswith("/") or ".." in Path(member).parts:
-                        raise BadInputError(f"archive member {member!r} escapes the archive", "rebuild the archive")
-                zf.extractall(out)
-        else:
-            with tarfile.open(path) as tf:
-                tf.extractall(out, filter="data")  # "data" refuses absolute paths, links out and devices
-    except (tarfile.TarError, zipfile.BadZipFile, OSError) as exc:
-        raise BadInputError(f"cannot extract archive {path.name}: {exc}", "re-upload a valid archive") from exc
+    archive.extract(path, out, limits)
     entries = list(out.iterdir())
     # An archive holding a single top-level directory (the usual `tar czf m.tgz saved_model/`) is that directory.
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else out
@@ -211,10 +196,14 @@ def fetch(
     sha256: str | None = None,
     s3_endpoint: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_extracted_bytes: int | None = None,
     show_progress: bool = False,
     retries: int = 3,
 ) -> FetchedSource:
-    """Make `uri` available locally (remote sources are downloaded into `workdir`) and verify the sha256 pin."""
+    """Make `uri` available locally (remote sources are downloaded into `workdir`) and verify the sha256 pin.
+
+    An archive is extracted into `workdir` within `max_extracted_bytes` (default: archive.EXTRACT_FACTOR times
+    `max_bytes`); a directory source must not link outside itself."""
     uri = str(uri)
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower() if len(parsed.scheme) > 1 else ""  # "C:" style drive letters are paths
@@ -243,5 +232,10 @@ def fetch(
             f"sha256 mismatch for {uri}: expected {sha256.lower().strip()}, got {digest}",
             "the source changed or the pin is wrong; re-check the artifact before building",
         )
-    path = _maybe_extract(raw, workdir) if raw.is_file() else raw
+    if raw.is_dir():
+        archive.check_links(raw, uri)
+        path = raw
+    else:
+        limits = archive.Limits(max_extracted_bytes or archive.EXTRACT_FACTOR * max_bytes)
+        path = _maybe_extract(raw, workdir, limits)
     return FetchedSource(uri=uri, path=path, sha256=digest, size_bytes=_size_of(raw))

@@ -87,6 +87,8 @@ class ProfileRequest:
     show_progress: bool = False
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # With `url`: how long to wait for that server to come up (a build Job's Triton sidecar); 0 = not at all.
+    server_wait_s: float = 0.0
 
 
 def candidate_grid(
@@ -274,6 +276,44 @@ def measure(url: str, name: str, *, feeds: dict[str, NDArray[Any]], concurrency:
     )
 
 
+def served_config(url: str, name: str, timeout_s: float = 120.0) -> mc.ModelConfig:
+    """Load the model as its repository declares it and return the configuration the server runs.
+
+    Candidates are measured on this view, not on the file: the server has filled in its defaults, and a CPU
+    server (the test cluster's Triton stand-in) serves a KIND_GPU file as KIND_CPU. The configuration written
+    back is the file's with the chosen batching and instance count (`run_profile`)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.load_model(name, client_timeout=timeout_s)
+        served = client.get_model_config(name, as_json=True, client_timeout=timeout_s)["config"]
+    finally:
+        client.close()
+    return json_format.ParseDict(served, mc.ModelConfig(), ignore_unknown_fields=True)
+
+
+def wait_for_server(url: str, timeout_s: float) -> None:
+    """Wait until the Triton at `url` is live (a build Job's sidecar starts beside the tuner)."""
+    import tritonclient.grpc as grpcclient
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            if client.is_server_live(client_timeout=5):
+                return
+        except Exception as exc:  # connection refused while the server starts
+            last = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        finally:
+            client.close()
+        if time.monotonic() >= deadline:
+            raise BadInputError(f"no Triton answered at {url} within {timeout_s:.0f}s ({last})",
+                                "check the Triton container's log")
+        time.sleep(0.5)
+
+
 def load_with_config(url: str, cfg: mc.ModelConfig, timeout_s: float = 120.0) -> None:
     """(Re)load the model with `cfg` through Triton's repository API (explicit model-control mode)."""
     import tritonclient.grpc as grpcclient
@@ -332,6 +372,8 @@ def write_outputs(out_dir: Path, results: list[Measurement], chosen: Measurement
 @contextlib.contextmanager
 def _triton(req: ProfileRequest) -> Iterator[str]:
     if req.url:
+        if req.server_wait_s > 0:
+            wait_for_server(req.url, req.server_wait_s)
         yield req.url
         return
     from model_repo_builder.triton_local import TritonServer
@@ -363,12 +405,12 @@ def run_profile(req: ProfileRequest) -> dict[str, Any]:
     configs: dict[str, mc.ModelConfig] = {}
     total = len(grid) * len(levels) * max(1, req.repeats)
     with _triton(req) as url, progress_bar(total, "profile", req.show_progress, unit="run") as bar:
+        served = served_config(url, req.name)
         # Rounds interleave the configurations, so drifting host load does not favour one of them.
         for _ in range(max(1, req.repeats)):
             for cand in grid:
-                cfg = apply_candidate(base, cand)
-                load_with_config(url, cfg)
-                configs[cand.label] = cfg
+                load_with_config(url, apply_candidate(served, cand))
+                configs[cand.label] = apply_candidate(base, cand)
                 for level in levels:
                     m = measure(url, req.name, feeds=feeds, concurrency=level, warmup_s=req.warmup_s,
                                 duration_s=req.duration_s, cand=cand)

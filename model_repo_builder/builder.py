@@ -57,6 +57,8 @@ class BuildRequest:
     s3_endpoint: str | None = None
     max_download_bytes: int | None = None
     max_extracted_bytes: int | None = None  # an archive source's extracted size (None: twice the download limit)
+    # Load sources whose loading runs code they carry (Keras Lambda layers, pickles): see safety.check_source.
+    allow_unsafe_deserialization: bool = False
     overwrite: bool = False
     cache_dir: str | None = None  # default: $MODEL_REPO_BUILDER_CACHE_DIR; unset = no cache
     show_progress: bool = False
@@ -280,6 +282,8 @@ def _cache_key(b: _Build, src: FetchedSource, fmt: str) -> str:
         "calibration": [str(req.calibration), req.calibration_samples], "parity_data": str(req.parity_data),
         "parity": [req.parity_max_abs_error, req.parity_samples, req.parity_seed], "tools": tool_versions(),
         "ranking": dataclasses.asdict(req.ranking) if req.ranking is not None else None,
+        # Only when set (earlier keys stay valid): an unsafe load is never the hit of a build that would refuse it.
+        **({"allow_unsafe_deserialization": True} if req.allow_unsafe_deserialization else {}),
     })  # fmt: skip
 
 
@@ -300,7 +304,9 @@ def _restore_cached(b: _Build, cache: BuildCache, cached: Path, key: str) -> Bui
 def _convert(b: _Build, src: FetchedSource, fmt: str) -> _Converted:
     """The source model loaded (safely: see convert.load_source) and exported to fp32 ONNX."""
     t0 = time.monotonic()
-    source = convert.load_source(src.path, fmt)
+    source = convert.load_source(src.path, fmt, allow_unsafe=b.req.allow_unsafe_deserialization)
+    if b.req.allow_unsafe_deserialization:
+        b.report["unsafe_deserialization"] = True  # build.json records that the source's own code may have run
     b.bar.update()
     fp32_path = b.staging / "model.fp32.onnx"
     convert.convert_to_onnx(source, src.path, fp32_path, b.req.opset)

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-download-bytes", type=_positive_int)
     b.add_argument("--max-extracted-bytes", type=_positive_int,
                    help="refuse an archive source that extracts to more (default: twice the download limit)")
+    b.add_argument("--allow-unsafe-deserialization", action="store_true",
+                   help="load a source that runs code it carries (Keras Lambda layers, pickles in the tree): only "
+                        "for models from people you trust, since that code runs in the builder")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     b.add_argument("--cache-dir", help="reuse/store verified builds here (default: $MODEL_REPO_BUILDER_CACHE_DIR)")
     b.add_argument("--store", help="publish the built tree to this model store: s3://bucket[/prefix] or file:///dir")
@@ -156,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=errors.EXIT_CODES_HELP, formatter_class=fmt)
     i.add_argument("path", type=Path)
     i.add_argument("--format", choices=["keras", "savedmodel", "onnx"])
+    i.add_argument("--allow-unsafe-deserialization", action="store_true",
+                   help="load a model file that runs code it carries, as `build` does with this flag")
     i.add_argument("--json", action="store_true")
     return p
 
@@ -197,7 +202,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         parity_max_abs_error=args.parity_max_abs_error, parity_samples=args.parity_samples,
         parity_data=args.parity_data, opset=args.opset, s3_endpoint=args.s3_endpoint,
         max_download_bytes=args.max_download_bytes, max_extracted_bytes=args.max_extracted_bytes,
-        overwrite=args.overwrite, cache_dir=args.cache_dir,
+        allow_unsafe_deserialization=args.allow_unsafe_deserialization, overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
         show_progress=progress_enabled(args.json), ranking=_ranking_spec(args),
     )
     result = build(req)
@@ -261,7 +267,7 @@ def _cmd_fetch_artifact(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from model_repo_builder.inspect import inspect_path
 
-    info = inspect_path(args.path, args.format)
+    info = inspect_path(args.path, args.format, allow_unsafe=args.allow_unsafe_deserialization)
     _emit(info, args.json, json.dumps(info, indent=2, sort_keys=True, default=str))
     return errors.EXIT_OK
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from model_repo_builder import safety
 from model_repo_builder.config import ModelSignature, TensorSpec
 from model_repo_builder.errors import BadInputError, UsageError
 
@@ -83,14 +84,13 @@ def _check_batch_dim(name: str, shape: Any, what: str) -> tuple[int, ...]:
 _BATCH_HINT = "re-export the model with a dynamic (None) leading batch dimension, e.g. keras.Input(shape=(n,))"
 
 
-def _load_keras(path: Path) -> SourceModel:
+def _load_keras(path: Path, *, safe_mode: bool) -> SourceModel:
     tf = _quiet_tf()
     import keras
 
-    if not zipfile.is_zipfile(path):
-        raise BadInputError(f"{path.name} is not a valid .keras archive (truncated or corrupt)", "re-export the model")
     try:
-        model = keras.models.load_model(path, compile=False)
+        # safe_mode is Keras' own refusal of Lambda bytecode, kept on beneath safety.check_source's wider one.
+        model = keras.models.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many types for corrupt archives; all mean the same to the user
         raise BadInputError(f"cannot load Keras model {path.name}: {exc}", "re-export it with model.save()") from exc
     specs, inputs = [], []
@@ -214,10 +214,14 @@ def onnx_predictor(path: Path, threads: int = 0) -> Predict:
     return predict
 
 
-def load_source(path: Path, fmt: str) -> SourceModel:
-    """Load a source model for conversion and as the parity reference."""
+def load_source(path: Path, fmt: str, *, allow_unsafe: bool = False) -> SourceModel:
+    """Load a source model for conversion and as the parity reference. A source whose loading would run code it
+    carries is refused first (safety.check_source) unless `allow_unsafe`."""
+    if fmt == "keras" and not zipfile.is_zipfile(path):
+        raise BadInputError(f"{path.name} is not a valid .keras archive (truncated or corrupt)", "re-export the model")
+    safety.check_source(path, fmt, allow_unsafe=allow_unsafe)
     if fmt == "keras":
-        return _load_keras(path)
+        return _load_keras(path, safe_mode=not allow_unsafe)
     if fmt == "savedmodel":
         return _load_savedmodel(path)
     model = load_onnx_checked(path, source=True)

@@ -16,7 +16,8 @@ EXIT_CODES_HELP = """exit codes:
   0  ok
   1  unexpected error (a bug: please report it with the log)
   2  usage error (bad flags or serving options)
-  3  bad input (missing/corrupt/unsupported model, digest mismatch, no batch dimension, HTTP 404, ...)
+  3  bad input (missing/corrupt/unsupported model, digest mismatch, no batch dimension, HTTP 404,
+     a model that would run code it carries when loaded, ...)
   4  parity failure (optimized model disagrees with the source beyond tolerance)
   5  missing runtime (TensorRT, a GPU or the Triton binary is not available here)"""
 
@@ -42,6 +43,10 @@ class UsageError(BuilderError):
 
 class BadInputError(BuilderError):
     exit_code = EXIT_BAD_INPUT
+
+
+class UnsafeModelError(BadInputError):
+    """The model would run code it carries when loaded (a pickle, a Keras Lambda layer, a custom op)."""
 
 
 class ParityError(BuilderError):

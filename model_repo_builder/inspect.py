@@ -37,8 +37,9 @@ def _model_dir_info(model_dir: Path) -> dict[str, Any]:
     return info
 
 
-def inspect_path(path: Path, fmt: str | None = None) -> dict[str, Any]:
-    """A JSON-able description of a repository, a model directory, or a source/ONNX model file."""
+def inspect_path(path: Path, fmt: str | None = None, *, allow_unsafe: bool = False) -> dict[str, Any]:
+    """A JSON-able description of a repository, a model directory, or a source/ONNX model file (loaded as a build
+    loads it: `allow_unsafe` as --allow-unsafe-deserialization)."""
     if not path.exists():
         raise BadInputError(f"{path} does not exist", "pass a repository, a model directory or a model file")
     if path.is_dir() and (path / "config.pbtxt").exists():
@@ -49,7 +50,7 @@ def inspect_path(path: Path, fmt: str | None = None) -> dict[str, Any]:
     from model_repo_builder import convert
 
     detected = convert.detect_format(path, fmt)
-    source = convert.load_source(path, detected)
+    source = convert.load_source(path, detected, allow_unsafe=allow_unsafe)
     return {"file": str(path), "format": detected, "signature": dataclasses.asdict(source.signature)}
 
 

@@ -122,7 +122,7 @@ def load_parity_data(path: Path, signature: ModelSignature) -> tuple[dict[str, N
                     f"parity data {path.name} lacks input {spec.name!r} (has {sorted(data.files)})",
                     "store each model input under its name, and optional labels under 'labels'",
                 )
-            arr = data[spec.name].astype(spec.dtype)
+            arr = _npz_array(data, spec.name, path).astype(spec.dtype)
             if arr.ndim != len(spec.shape) + 1 or any(
                 d >= 0 and d != s for d, s in zip(spec.shape, arr.shape[1:], strict=True)
             ):
@@ -131,11 +131,22 @@ def load_parity_data(path: Path, signature: ModelSignature) -> tuple[dict[str, N
                     "regenerate the parity data for this model",
                 )
             feeds[spec.name] = arr
-        labels = data["labels"].ravel() if "labels" in data.files else None
+        labels = _npz_array(data, "labels", path).ravel() if "labels" in data.files else None
     n = {len(v) for v in feeds.values()}
     if len(n) != 1 or (labels is not None and len(labels) not in n):
         raise BadInputError(f"parity data {path.name} arrays have different lengths", "regenerate the parity data")
     return feeds, labels
+
+
+def _npz_array(data: Any, key: str, path: Path) -> NDArray[Any]:
+    """One array of an npz opened with allow_pickle=False: Python objects (stored pickled) are refused, unread."""
+    try:
+        return np.asarray(data[key])
+    except ValueError as exc:  # "Object arrays cannot be loaded when allow_pickle=False"
+        raise BadInputError(
+            f"{path.name}: {key!r} holds Python objects, which load by unpickling ({exc})",
+            "store numeric arrays only (numpy.savez of numbers)",
+        ) from exc
 
 
 def _batched(predict: Predict, feeds: dict[str, NDArray[Any]], batch: int) -> dict[str, NDArray[Any]]:

@@ -75,6 +75,9 @@ class ModelRef:
     endpoint: str | None = field(default=None, metadata={"revision": "unless-default"})
     # Rotating a key or changing identity fetches the same model: the pods roll, the revision stays.
     credentials: ModelCredentials | None = field(default=None, metadata={"revision": False})
+    # The builder loads a model that runs code it carries (Keras Lambda layers, pickles): a different build, so a
+    # new revision; added later, so the default stays out of the revision hash.
+    allow_unsafe_deserialization: bool = field(default=False, metadata={"revision": "unless-default"})
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,13 @@ def _enum(m: Mapping[str, Any], key: str, path: str, default: str, allowed: tupl
     return str(value)
 
 
+def _bool(m: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    value = m.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidSpec(f"{path}.{key} must be a boolean, got {value!r}")
+    return value
+
+
 def pvc_claim(uri: str) -> str | None:
     """The PersistentVolumeClaim a pvc://<claim>/<path> URI names, or None for other schemes."""
     match = _PVC_URI_RE.match(uri)
@@ -282,6 +292,7 @@ def _parse_model(m: Mapping[str, Any]) -> ModelRef:
         sha256=sha,
         endpoint=endpoint,
         credentials=_parse_credentials(m.get("credentials")),
+        allow_unsafe_deserialization=_bool(m, "allowUnsafeDeserialization", "spec.model", False),
     )
 
 

@@ -77,6 +77,8 @@ def builder_args(spec: RecommenderModelSpec, ids: Ids) -> list[str]:
     if m.endpoint:
         # An endpoint is an address, not a secret; keys only ever arrive through the Secret's environment.
         args += ["--s3-endpoint", m.endpoint]
+    if m.allow_unsafe_deserialization:
+        args.append("--allow-unsafe-deserialization")  # the spec's owner trusts the model's code to run here
     r = spec.serving.ranking
     if r is not None:
         args += (["--ranking-request-columns", r.request_columns] if r.request_columns is not None

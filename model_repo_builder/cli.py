@@ -92,17 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "for models from people you trust, since that code runs in the builder")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     b.add_argument("--cache-dir", help="reuse/store verified builds here (default: $MODEL_REPO_BUILDER_CACHE_DIR)")
-    b.add_argument("--store", help="publish the built tree to this model store: s3://bucket[/prefix] or file:///dir")
-    b.add_argument("--artifact-key", help="the artifact's key in --store (the operator's: <namespace>/<model>/<id>)")
-    b.add_argument("--store-endpoint", help="S3 endpoint of --store (default: $AWS_ENDPOINT_URL)")
-    b.add_argument("--reuse", action="store_true",
-                   help="when --store already holds --artifact-key, report it and build nothing")
-    b.add_argument("--collect-prefix", help="after publishing, delete the artifacts under this key prefix ...")
-    b.add_argument("--keep", action="append", default=[], help="... except these keys (repeatable)")
-    b.add_argument("--keep-recent", type=int, default=0,
-                   help="... and the N most recently published of the others (default 0)")
-    b.add_argument("--termination-log", type=Path,
-                   help="write the outcome (one JSON line) here too, e.g. /dev/termination-log")
+    _add_store_args(b, "build")
+    b.add_argument("--defer-publish", action="store_true",
+                   help="with --store: only check --reuse and build into --repo; `profile --apply --store` tunes "
+                        "and publishes it afterwards (the operator's build Job with spec.serving.tuning)")
     b.add_argument("--ranking-request-columns",
                    help="add a ranking head: these columns of the model's one input (e.g. 0-9,40-44, zero-based) are "
                         "the request's, sent once as `request [1, U]`; the others arrive per candidate as "
@@ -134,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeats", type=_positive_int, default=1, help="interleaved rounds over the grid (medians)")
     pr.add_argument("--out", type=Path, default=Path("profile-results"))
     pr.add_argument("--apply", action="store_true", help="write the chosen config.pbtxt into the repository")
+    pr.add_argument("--wait-for-server-s", type=float, default=0.0,
+                    help="with --url: wait this long for that Triton to come up (default: do not wait)")
+    _add_store_args(pr, "tune")
     pr.add_argument("--json", action="store_true")
 
     s = sub.add_parser("serve-local", help="serve a repository with the Triton binary from nvidia-pytriton",
@@ -165,6 +161,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_store_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Publishing to a model store, shared by `build` and `profile --apply` (which publishes the tuned tree)."""
+    p.add_argument("--store", help="publish the built tree to this model store: s3://bucket[/prefix] or file:///dir")
+    p.add_argument("--artifact-key", help="the artifact's key in --store (the operator's: <namespace>/<model>/<id>)")
+    p.add_argument("--store-endpoint", help="S3 endpoint of --store (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--reuse", action="store_true",
+                   help=f"when --store already holds --artifact-key, report it and {what} nothing")
+    p.add_argument("--collect-prefix", help="after publishing, delete the artifacts under this key prefix ...")
+    p.add_argument("--keep", action="append", default=[], help="... except these keys (repeatable)")
+    p.add_argument("--keep-recent", type=int, default=0,
+                   help="... and the N most recently published of the others (default 0)")
+    p.add_argument("--termination-log", type=Path,
+                   help="write the outcome (one JSON line) here too, e.g. /dev/termination-log")
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    """The model store of --store (None without it); with --reuse, `args.reused` is the outcome when it already
+    holds --artifact-key."""
+    args.reused = None
+    if (args.store is None) != (args.artifact_key is None):
+        raise errors.UsageError("--store and --artifact-key go together", "pass both to publish, neither to not")
+    if args.store is None:
+        return None
+    from model_repo_builder.artifact import MANIFEST, Manifest, open_store
+
+    store = open_store(args.store, args.store_endpoint)
+    existing = store.read(f"{args.artifact_key}/{MANIFEST}") if args.reuse else None
+    if existing is not None:
+        manifest = Manifest.from_bytes(existing)
+        args.reused = {"artifact": {"key": args.artifact_key, "digest": manifest.digest, "reused": True},
+                       "name": manifest.name, "version": manifest.version}  # fmt: skip
+    return store
+
+
 def _emit(data: dict[str, Any], as_json: bool, human: str) -> None:
     if as_json:
         # One line, printed last: the operator reads the init container's last log line as the build report.
@@ -177,19 +207,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from model_repo_builder.builder import BuildRequest, build
     from model_repo_builder.progress import progress_enabled
 
-    if (args.store is None) != (args.artifact_key is None):
-        raise errors.UsageError("--store and --artifact-key go together", "pass both to publish, neither to not")
-    store = None
-    if args.store is not None:
-        from model_repo_builder.artifact import MANIFEST, Manifest, open_store
-
-        store = open_store(args.store, args.store_endpoint)
-        existing = store.read(f"{args.artifact_key}/{MANIFEST}") if args.reuse else None
-        if existing is not None:
-            manifest = Manifest.from_bytes(existing)
-            outcome = {"artifact": {"key": args.artifact_key, "digest": manifest.digest, "reused": True},
-                       "name": manifest.name, "version": manifest.version}  # fmt: skip
-            return _done(args, outcome, f"reused {args.artifact_key} ({manifest.digest[:12]}): nothing to build")
+    store = _open_store(args)
+    if args.reused is not None:
+        return _done(args, args.reused, f"reused {args.artifact_key} ({args.reused['artifact']['digest'][:12]}): "
+                                        "nothing to build")
+    if args.defer_publish and store is None:
+        raise errors.UsageError("--defer-publish needs --store and --artifact-key", "pass them, or drop the flag")
 
     req = BuildRequest(
         source=args.source, repo=args.repo, name=args.name, version=args.version, format=args.format,
@@ -207,7 +230,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         show_progress=progress_enabled(args.json), ranking=_ranking_spec(args),
     )
     result = build(req)
-    if store is not None:
+    if store is not None and not args.defer_publish:
         result.report["artifact"] = _publish(args, store, result.model_dir, result.name, result.version)
     par = result.report["parity"]
     human = (
@@ -216,8 +239,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         f"{par['max_abs_error']:.3g}, top-{par['topk']} overlap {par['topk_overlap']:.3f}"
         + (f", AUC drop {par['auc_drop']:.4f}" if par.get("auc_drop") is not None else "")
         + f", {result.report['build_seconds']:.1f}s"
-        + (f"\n  published {args.artifact_key} ({result.report['artifact']['digest'][:12]})" if store else "")
+        + (f"\n  published {args.artifact_key} ({result.report['artifact']['digest'][:12]})"
+           if store is not None and not args.defer_publish else "")
     )
+    if args.defer_publish:  # nothing published yet: `profile --store` writes the outcome the operator reads
+        args.termination_log = None
     return _done(args, result.report, human)
 
 
@@ -250,6 +276,10 @@ def _done(args: argparse.Namespace, report: dict[str, Any], human: str) -> int:
         # Kubernetes keeps at most 4 KiB of it: the outcome, not the whole report.
         brief: dict[str, Any] = {"status": "ok"}
         brief.update({k: report[k] for k in ("artifact", "name", "version") if k in report})
+        if report.get("tuning"):
+            tuning = report["tuning"]
+            brief["tuning"] = {"chosen": tuning["chosen"], "slo_met": tuning["slo_met"],
+                               "slo_p99_ms": tuning["slo_p99_ms"], "concurrency_levels": tuning["concurrency_levels"]}
         args.termination_log.write_text(json.dumps(brief, sort_keys=True) + "\n")
     _emit(report, args.json, human)
     return errors.EXIT_OK
@@ -304,15 +334,27 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from model_repo_builder.profile import ProfileRequest, run_profile
     from model_repo_builder.progress import progress_enabled
 
+    store = _open_store(args)
+    if args.reused is not None:
+        return _done(args, args.reused, f"reused {args.artifact_key} ({args.reused['artifact']['digest'][:12]}): "
+                                        "nothing to tune")
+    if store is not None and not args.apply:
+        raise errors.UsageError("--store publishes the tuned repository: it needs --apply", "add --apply")
     req = ProfileRequest(
         repo=args.repo, name=args.name, url=args.url, candidates=args.candidates, concurrency=args.concurrency,
         concurrency_levels=tuple(args.concurrency_levels), noise_floor=args.noise_floor, slo_p99_ms=args.slo_p99_ms,
         max_queue_delays_us=tuple(args.max_queue_delays_us),
         instance_counts=tuple(args.instance_counts), preferred_batch_sizes=tuple(args.preferred_batch_sizes),
         duration_s=args.duration_s, repeats=args.repeats, out_dir=args.out, apply=args.apply,
-        show_progress=progress_enabled(args.json),
+        show_progress=progress_enabled(args.json), server_wait_s=args.wait_for_server_s,
     )
     result = run_profile(req)
+    result["tuning"] = {"chosen": result["chosen"]["label"], "slo_met": result["slo_met"],
+                        "slo_p99_ms": args.slo_p99_ms, "concurrency_levels": result["levels"]}
+    if store is not None:
+        version = _latest_version(args.repo / args.name)
+        result.update(name=args.name, version=version,
+                      artifact=_publish(args, store, args.repo / args.name, args.name, version))
     chosen = result["chosen"]
     rows = "\n".join(f"  concurrency {t['concurrency']:>3}: {t['chosen']['throughput_rps']:8.1f} req/s p99 "
                      f"{t['chosen']['p99_ms']:6.1f} ms | default {t['default']['throughput_rps']:8.1f} req/s p99 "
@@ -321,9 +363,16 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         f"chosen: {chosen['label']} -> {chosen['throughput_rps']:.1f} req/s "
         f"({chosen['throughput_rps'] * args.candidates:.0f} candidates/s), p99 {chosen['p99_ms']:.1f} ms "
         f"(SLO {args.slo_p99_ms} ms); results in {args.out}\n{rows}\nwhy: {result['reason']}"
+        + (f"\npublished {args.artifact_key} ({result['artifact']['digest'][:12]})" if store is not None else "")
     )
-    _emit(result, args.json, human)
-    return errors.EXIT_OK
+    return _done(args, result, human)
+
+
+def _latest_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        raise errors.BadInputError(f"{model_dir} holds no model version", "profile a repository written by `build`")
+    return max(versions)
 
 
 _COMMANDS = {"build": _cmd_build, "fetch-artifact": _cmd_fetch_artifact, "inspect": _cmd_inspect,

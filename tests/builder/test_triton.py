@@ -221,3 +221,65 @@ def test_triton_warms_the_model_up_before_ready_and_exports_latency_summaries(tm
     assert {"quantile=0.5", "quantile=0.9", "quantile=0.99"} <= set(series), series
     # This Triton counts the nine warmup requests in the summary too; the five client requests are in it either way.
     assert series["_count"] >= 5 and series["_sum"] > 0
+
+
+def test_the_build_jobs_tuning_flow_defers_publishing_then_tunes_against_a_running_triton_and_publishes(
+    python_repo: Path, ctr_keras: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a build Job with spec.serving.tuning runs: `build --defer-publish` (checks --reuse, publishes nothing),
+    then `profile --url --apply --store` against the Job's Triton (explicit model control, started beside it):
+    the tuned tree is published, its digest and the choice go to the termination log, and the fetched artifact
+    serves the chosen configuration. A second Job for the same key reuses it without building or tuning."""
+    import shutil
+
+    from model_repo_builder import artifact as A
+    from tests.builder.helpers import run_cli
+
+    store_url, key = f"file://{tmp_path / 'store'}", "shop/ctr/r1-abc"
+    built = run_cli(capsys, "build", "--source", ctr_keras, "--repo", tmp_path / "scratch", "--name", "ctr",
+                    "--backend", "python", "--max-batch-size", "64", "--store", store_url, "--artifact-key", key,
+                    "--reuse", "--defer-publish", "--json")  # fmt: skip
+    assert built.code == 0, built.err
+    assert "key" not in built.json["artifact"] and A.open_store(store_url).read(f"{key}/{A.MANIFEST}") is None
+
+    repo = tmp_path / "models"
+    shutil.copytree(python_repo, repo)
+    log = tmp_path / "termination-log"
+    with TritonServer(repo, model_control_mode="explicit", log_path=tmp_path / "triton.log") as server:
+        tuned = run_cli(capsys, "profile", "--repo", repo, "--name", "ctr", "--url", server.grpc_url,
+                        "--wait-for-server-s", "30", "--candidates", "32", "--concurrency-levels", "1,4",
+                        "--slo-p99-ms", "1000", "--max-queue-delays-us", "500", "--instance-counts", "1,2",
+                        "--duration-s", "0.5", "--out", tmp_path / "profile", "--apply", "--store", store_url,
+                        "--artifact-key", key, "--reuse", "--termination-log", log, "--json")  # fmt: skip
+    assert tuned.code == 0, tuned.err
+    brief = json.loads(log.read_text())
+    assert brief["artifact"]["key"] == key and not brief["artifact"]["reused"]
+    assert brief["tuning"]["chosen"] == tuned.json["chosen"]["label"]
+    assert brief["tuning"]["concurrency_levels"] == [1, 4]
+    assert brief["name"] == "ctr" and brief["version"] == 1
+
+    installed = A.fetch_artifact(A.open_store(store_url), key, brief["artifact"]["digest"], tmp_path / "pod")
+    cfg = C.parse_pbtxt((installed / "config.pbtxt").read_text())
+    chosen = tuned.json["chosen"]["candidate"]
+    assert cfg.instance_group[0].count == chosen["instance_count"]
+    assert cfg.HasField("dynamic_batching") == chosen["dynamic_batching"]
+    assert json.loads((installed / "1" / "build.json").read_text())["tuning"]["chosen"] == brief["tuning"]["chosen"]
+
+    again = run_cli(capsys, "profile", "--repo", tmp_path / "empty", "--name", "ctr", "--url", "127.0.0.1:9",
+                    "--apply", "--store", store_url, "--artifact-key", key, "--reuse", "--json")  # fmt: skip
+    assert again.code == 0 and again.json["artifact"] == {**brief["artifact"], "reused": True}
+    rebuilt = run_cli(capsys, "build", "--source", tmp_path / "missing.keras", "--repo", tmp_path / "scratch2",
+                      "--store", store_url, "--artifact-key", key, "--reuse", "--defer-publish", "--json")  # fmt: skip
+    assert rebuilt.code == 0 and rebuilt.json["artifact"]["reused"]
+
+
+def test_profile_publishing_needs_apply_and_a_server_that_answers(tmp_path: Path, python_repo: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.builder.helpers import run_cli
+
+    store = ["--store", f"file://{tmp_path / 'store'}", "--artifact-key", "k"]
+    r = run_cli(capsys, "profile", "--repo", python_repo, "--name", "ctr", "--url", "127.0.0.1:9", *store)
+    assert r.code == 2 and "--apply" in r.err
+    r = run_cli(capsys, "profile", "--repo", python_repo, "--name", "ctr", "--url", "127.0.0.1:9",
+                "--wait-for-server-s", "1", "--apply", *store)  # fmt: skip
+    assert r.code != 0 and "no Triton answered at 127.0.0.1:9" in r.err

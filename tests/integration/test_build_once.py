@@ -17,7 +17,13 @@ from typing import Any
 
 import pytest
 from recserve_operator import conditions as c
-from recserve_operator.names import ARTIFACT_DIGEST_ANNOTATION, BUILDER_CONTAINER, FETCH_CONTAINER, INSTANCE_LABEL
+from recserve_operator.names import (
+    ARTIFACT_DIGEST_ANNOTATION,
+    BUILDER_CONTAINER,
+    FETCH_CONTAINER,
+    INSTANCE_LABEL,
+    TUNER_CONTAINER,
+)
 
 from recserve_cluster import images
 from recserve_cluster.cluster import Cluster
@@ -164,3 +170,55 @@ def test_a_failed_build_creates_no_deployment_and_the_stable_revision_keeps_serv
                                                       f"{INSTANCE_LABEL}={MODEL}")["items"]]  # fmt: skip
     assert deployments == [f"{MODEL}-{stable}"], deployments
     assert len(_jobs(cluster, ns)) == 2  # the stable's and the failed one (its log stays readable)
+
+
+TUNED = "ctr-tuned"
+
+
+def test_a_tuned_revision_serves_the_configuration_its_build_job_measured_on_the_node(
+    cluster: Cluster, store: Store
+) -> None:
+    """spec.serving.tuning: the build Job builds in its init container, a Triton sidecar (the serving image, on the
+    GPU product) serves the result, the tuner measures every configuration at every level and publishes the
+    choice. The serving pod's Triton runs exactly that configuration, and the condition names it."""
+    ns = store.namespace
+    rm = _model(store, 1)
+    rm["metadata"]["name"] = TUNED
+    rm["spec"]["serving"]["tuning"] = {"sloP99Milliseconds": 5000, "concurrencyLevels": [1, 4],
+                                       "candidatesPerRequest": 32, "instanceCounts": [1, 2],
+                                       "maxQueueDelaysMicroseconds": [500], "durationSeconds": 1}  # fmt: skip
+    apply(cluster, rm)
+    try:
+        served = wait_model_ready(cluster, ns, TUNED, timeout=900)
+        revision = served["status"]["stable"]["revision"]
+        (build_pod,) = _pods(cluster, ns, f"job-name={TUNED}-{revision}-build")
+        inits = {s["name"]: s for s in build_pod["status"]["initContainerStatuses"]}
+        assert inits[BUILDER_CONTAINER]["state"]["terminated"]["exitCode"] == 0, inits
+        assert "triton" in inits, inits  # the sidecar ran beside the tuner (stopped once it was done)
+        (tuner,) = build_pod["status"]["containerStatuses"]
+        assert tuner["name"] == TUNER_CONTAINER and tuner["state"]["terminated"]["exitCode"] == 0, tuner
+        outcome = json.loads(tuner["state"]["terminated"]["message"])
+        chosen = outcome["tuning"]["chosen"]
+        assert outcome["tuning"]["concurrency_levels"] == [1, 4] and len(outcome["artifact"]["digest"]) == 64
+        repo = {x["type"]: x for x in served["status"]["conditions"]}[c.MODEL_REPOSITORY_READY]
+        assert f"tuned: {chosen}" in repo["message"], repo
+
+        (pod,) = [p for p in _pods(cluster, ns, f"recserve.dev/revision={revision},"
+                                                "app.kubernetes.io/component=predictor")
+                  if not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        raw = cluster.kubectl("get", "--raw",
+                              f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}:8000/proxy/v2/models/{TUNED}/config")
+        config = json.loads(raw.stdout)
+        count = config["instance_group"][0]["count"]
+        batching = "dynamic_batching" in config
+        assert chosen.startswith(f"inst={count} ") and (("no-batching" not in chosen) == batching), (chosen, config)
+        if batching:
+            assert config["dynamic_batching"].get("max_queue_delay_microseconds", 0) in (500, "500"), config
+
+        endpoint = served["status"]["endpoints"]["http"]
+        got = infer_in_cluster(cluster, ns, f"{endpoint}/v2/models/{TUNED}/infer", store.x, config["input"][0]["name"])
+        assert abs(got - store.expected.reshape(got.shape)).max() < 1e-4
+        print(f"\ntuned in the build Job: {repo['message']}")
+    finally:
+        cluster.kubectl("delete", "recommendermodel", TUNED, "-n", ns, "--ignore-not-found", "--wait=true",
+                        "--timeout=120s", check=False, timeout=150)  # fmt: skip

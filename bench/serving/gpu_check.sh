@@ -2,6 +2,15 @@
 # GPU check for the serving benchmark (issue part 6): CTR model throughput with ONNX Runtime CUDA EP, TensorRT
 # (ORT TensorRT EP and/or the tensorrt Python API) fp32 vs fp16, plus PyTorch CUDA as the always-present reference,
 # at batch 200 (one request's candidates) and 1024 (a dynamic batch). Prints one JSON line; finishes in < 5 minutes.
+# Ranking head (issue 13, docs/ranking.md): the same graph with the head added by the repository's own
+# model_repo_builder.ranking (needs onnx), one request of 200 candidates, top 10 in the engine, on ORT CUDA EP fp32,
+# ORT TensorRT EP fp16 (trt_fp16_enable; nodes TensorRT does not take run on the CUDA EP) and ORT CPU fp32 (the
+# reference), each next to the same 200 rows sent plain (request columns duplicated into every row). Results carry
+# "graph": "ranking" | "plain"; a ranking case records topk_match (its top-10 indices == the stable argsort of the
+# plain graph's scores on the same rows and provider). The request columns: feature_spec.json next to the model
+# (request_columns, as examples/ctr-dnn/train.py writes it), else the example CTR layout when the width matches
+# (examples/ecommerce_data.py), else the first half of the columns (said in "notes"); GPU_CHECK_REQUEST_COLUMNS
+# overrides. Without tritonclient (model_repo_builder.config imports it) a stand-in for its config types is used.
 #
 # Usage (from anywhere):  bash bench/serving/gpu_check.sh [path/to/model.onnx]
 # Model, in order: $1, $CTR_ONNX, bench/results/serving/repo_default/ctr-dnn/1/model.onnx,
@@ -10,7 +19,10 @@
 #   (examples/ecommerce_data.py travels with the tree); without torch, random weights (same cost). The JSON says which.
 # Assumptions: an NVIDIA driver (nvidia-smi), python3 with numpy. Everything else is optional and probed: onnx,
 #   onnxruntime(-gpu), tensorrt, torch. No network is needed; wheels placed in .whl/ at the repository root are
-#   installed offline into a temporary directory first. What cannot run is listed under "unavailable" with why.
+#   installed offline into a temporary directory first. What cannot run is listed under "unavailable" with why
+#   (without a GPU the CPU cases, ranking included, still run).
+# Tunables: GPU_CHECK_BATCHES=200,1024 GPU_CHECK_CASE_S=1.5 GPU_CHECK_BUDGET_S=240 GPU_CHECK_TIMEOUT_S=290
+#   GPU_CHECK_CANDIDATES=200 GPU_CHECK_K=10 GPU_CHECK_REQUEST_COLUMNS (e.g. 0-17,42-47) PYTHON=python3.
 # Output: the JSON line on stdout, also written to $OUT/gpu_check.json (or bench/results/gpu/gpu_check.json).
 set -euo pipefail
 
@@ -175,16 +187,17 @@ def record(engine, precision, fn_for_batch):
         except Exception as exc:  # one engine failing must not lose the others' figures
             unavailable[f"{engine}/{precision}/b{batch}"] = f"{type(exc).__name__}: {exc}"[:300]
             continue
-        results.append({"engine": engine, "precision": precision, **r})
+        results.append({"engine": engine, "precision": precision, "graph": "plain", **r})
         log(f"{engine:<22} {precision} batch {batch:>5}: {r['samples_per_s']:>14,.0f} samples/s, p50 {r['p50_ms']:.3f} ms")
 
 
 rng = np.random.default_rng(0)
 model_path = find_model()
-layers, source = None, None
+layers, source, layers_from_file = None, None, False
 if model_path:
     try:
         layers, source = weights_from_onnx(model_path), f"trained weights from {model_path}"
+        layers_from_file = True
     except Exception as exc:
         notes.append(f"could not read {model_path}: {type(exc).__name__}: {exc}")
 if layers is None:
@@ -230,7 +243,218 @@ try:
         unavailable["onnxruntime-tensorrt"] = f"providers: {providers} (needs onnxruntime-gpu and TensorRT libraries)"
 except ImportError as exc:
     unavailable["onnxruntime"] = str(exc)
-    model32 = None
+    ort, model32 = None, None
+
+# ---- Ranking head: one request of CANDIDATES candidates, top K inside the engine, vs the same rows sent plain.
+CANDIDATES = int(os.environ.get("GPU_CHECK_CANDIDATES", "200"))
+TOP_K = int(os.environ.get("GPU_CHECK_K", "10"))
+RANKING_CASES = (("onnxruntime-cpu", "fp32"), ("onnxruntime-cuda", "fp32"), ("onnxruntime-tensorrt", "fp16"))
+ranking = {"candidates": CANDIDATES, "k": TOP_K, "module": "model_repo_builder.ranking"}
+
+
+def column_ranges(cols):
+    parts = []
+    for c in sorted(cols):
+        if parts and c == parts[-1][1] + 1:
+            parts[-1][1] = c
+        else:
+            parts.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in parts)
+
+
+def import_ranking():
+    """The repository's own model_repo_builder.ranking. Its config module imports tritonclient's protobuf types,
+    which the head never uses: when tritonclient (or its grpc) is missing, a stand-in module takes their place."""
+    import importlib
+    import types
+
+    root = os.getcwd()  # the shell cd'ed to the repository root
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        return importlib.import_module("model_repo_builder.ranking")
+    except ImportError as exc:
+        first = f"{type(exc).__name__}: {exc}"
+    for name in [m for m in sys.modules if m == "model_repo_builder" or m.startswith("model_repo_builder.")]:
+        del sys.modules[name]
+    mc = types.ModuleType("tritonclient.grpc.model_config_pb2")
+    mc.__getattr__ = lambda attr: f"stand-in:{attr}"  # module-level __getattr__ (PEP 562): any enum name resolves
+    grpc_pkg = types.ModuleType("tritonclient.grpc")
+    grpc_pkg.model_config_pb2 = mc
+    saved = {n: sys.modules.get(n) for n in ("tritonclient", "tritonclient.grpc", "tritonclient.grpc.model_config_pb2")}
+    sys.modules.setdefault("tritonclient", types.ModuleType("tritonclient"))
+    sys.modules["tritonclient.grpc"], sys.modules["tritonclient.grpc.model_config_pb2"] = grpc_pkg, mc
+    try:
+        module = importlib.import_module("model_repo_builder.ranking")
+    except ImportError as exc:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+        raise ImportError(f"{first}; with a tritonclient stand-in: {type(exc).__name__}: {exc}") from exc
+    notes.append(f"model_repo_builder.ranking imported with a stand-in for tritonclient's model_config_pb2 ({first})")
+    return module
+
+
+def onnx_signature(model, config):
+    """ModelSignature (no batch dimension) of an ONNX graph's inputs (initializers aside) and outputs."""
+    from onnx import helper
+
+    inits = {i.name for i in model.graph.initializer}
+
+    def spec(v):
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        except Exception:
+            dtype = "float32"
+        return config.TensorSpec(v.name, dtype, dims[1:])
+
+    return config.ModelSignature(tuple(spec(v) for v in model.graph.input if v.name not in inits),
+                                 tuple(spec(v) for v in model.graph.output))
+
+
+def example_request_columns(width):
+    """The example CTR model's per-request columns (user and context blocks), from its own feature code."""
+    if "examples" not in sys.path:
+        sys.path.insert(0, "examples")
+    from ecommerce_data import DataConfig, generate
+
+    features = generate(DataConfig(n_users=50, n_items=50, days=8, history_days=2, test_days=1)).features
+    return features.request_columns() if features.dim == width else None
+
+
+def request_columns(rk, width):
+    text = os.environ.get("GPU_CHECK_REQUEST_COLUMNS", "")
+    if text:
+        return rk.parse_columns(text), "GPU_CHECK_REQUEST_COLUMNS"
+    if model_path and layers_from_file:
+        spec_path = os.path.join(os.path.dirname(model_path), "feature_spec.json")
+        if os.path.isfile(spec_path):
+            with open(spec_path) as f:
+                text = json.load(f).get("request_columns", "")
+            if text:
+                return rk.parse_columns(text), f"request_columns of {spec_path}"
+    try:
+        cols = example_request_columns(width)
+    except Exception as exc:
+        cols = None
+        notes.append(f"example CTR layout unavailable: {type(exc).__name__}: {exc}"[:300])
+    if cols:
+        return tuple(cols), "the example CTR model's layout (examples/ecommerce_data.py request_columns)"
+    notes.append(f"ranking: no request columns known for this {width}-column model; the first half "
+                 f"(0-{width // 2 - 1}) is taken as per request")
+    return tuple(range(width // 2)), "the first half of the columns (no feature_spec.json, not the example layout)"
+
+
+def ranking_cases():
+    def all_unavailable(why):
+        for engine, prec in RANKING_CASES:
+            unavailable[f"{engine}/{prec}/ranking-n{CANDIDATES}"] = why[:300]
+
+    if ort is None or model32 is None:
+        return all_unavailable("needs onnxruntime and onnx (the graphs are written with onnx)")
+    try:
+        import onnx
+
+        rk = import_ranking()
+        import model_repo_builder.config as rk_config
+
+        plain = onnx.load_from_string(model32)
+        cols, cols_from = request_columns(rk, dim)
+        layout = rk.plan_ranking(onnx_signature(plain, rk_config),
+                                 rk.RankingSpec(request_columns=cols, max_k=max(rk.DEFAULT_MAX_K, TOP_K)))
+        head_model = rk.add_ranking_head(plain, layout)
+        head = head_model.SerializeToString()
+    except Exception as exc:  # no onnx, no module, a layout that does not fit: the other cases still count
+        return all_unavailable(f"ranking head not built: {type(exc).__name__}: {exc}")
+    req, cand = list(layout.request_columns), list(layout.candidate_columns)
+    rows = np.random.default_rng(1).random((CANDIDATES, dim), dtype=np.float32)
+    rows[:, req] = rows[0, req]  # one request: the same user and context in every row
+    plain_feeds = {"features": rows}
+    try:
+        reference = ort.InferenceSession(model32, providers=["CPUExecutionProvider"]).run(None, plain_feeds)[0]
+    except Exception as exc:
+        return all_unavailable(f"the plain graph's CPU reference failed: {type(exc).__name__}: {exc}")
+    ranking.update(graph_source="the fp32 graph the plain cases run (" + str(source) + ")",
+                   request_columns=column_ranges(req), request_columns_from=cols_from,
+                   request_width=len(req), candidate_width=len(cand),
+                   first_layer_split=any(i.name.endswith("request_weights") for i in head_model.graph.initializer))
+    head_feeds = {rk.REQUEST_INPUT: np.ascontiguousarray(rows[:1, req]),
+                  rk.CANDIDATES_INPUT: np.ascontiguousarray(rows[:, cand]),
+                  rk.K_INPUT: np.array([TOP_K], np.int64)}
+    want = min(TOP_K, CANDIDATES)
+    reference = np.asarray(reference, np.float64).reshape(-1)
+    ref_order = np.argsort(-reference, kind="stable")[:want]
+    providers = ort.get_available_providers()
+    trt_opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": False}
+    setups = {"onnxruntime-cpu": (["CPUExecutionProvider"], "CPUExecutionProvider"),
+              "onnxruntime-cuda": ([("CUDAExecutionProvider", {})], "CUDAExecutionProvider"),
+              "onnxruntime-tensorrt": ([("TensorrtExecutionProvider", trt_opts), ("CUDAExecutionProvider", {})],
+                                       "TensorrtExecutionProvider")}
+    by_case = {}
+    for engine, prec in RANKING_CASES:
+        provs, needed = setups[engine]
+        if needed not in providers:
+            unavailable[f"{engine}/{prec}/ranking-n{CANDIDATES}"] = \
+                f"onnxruntime {ort.__version__} providers: {providers} (needs {needed}: onnxruntime-gpu" + \
+                (" and TensorRT libraries)" if engine.endswith("tensorrt") else ")")
+            continue
+        plain_scores = None
+        for graph in ("plain", "ranking"):
+            key = f"{engine}/{prec}/{graph}-n{CANDIDATES}"
+            if over_budget():
+                notes.append(f"budget reached before {key}")
+                break
+            try:
+                model, feeds = (head, head_feeds) if graph == "ranking" else (model32, plain_feeds)
+                sess = ort.InferenceSession(model, providers=provs)
+                extra = {}
+                if graph == "plain":
+                    scores = np.asarray(sess.run(None, feeds)[0], np.float64).reshape(-1)
+                    extra["max_abs_error"] = float(np.max(np.abs(scores - reference)))
+                    plain_scores = scores
+                else:
+                    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+                    idx = np.asarray(got[rk.INDICES_OUTPUT], np.int64)
+                    top = np.asarray(got[rk.SCORES_OUTPUT], np.float64)
+                    same = plain_scores  # the plain graph's scores on the same rows and provider
+                    if same is None:
+                        same = np.asarray(ort.InferenceSession(model32, providers=provs).run(None, plain_feeds)[0],
+                                          np.float64).reshape(-1)
+                    order = np.argsort(-same, kind="stable")[:want]
+                    extra = {"k": TOP_K, "topk_match": bool(np.array_equal(idx, order)),
+                             "topk_match_cpu_fp32": bool(np.array_equal(idx, ref_order)),
+                             "topk_overlap": int(len(set(idx.tolist()) & set(order.tolist()))),
+                             "max_abs_error": float(np.max(np.abs(top - reference[idx]))) if idx.size else 0.0}
+                    if idx.shape != (want,) or idx.size and (idx.min() < 0 or idx.max() >= CANDIDATES):
+                        extra["topk_match"] = False
+                r = timed(lambda s=sess, f=feeds: s.run(None, f), CANDIDATES)
+            except Exception as exc:  # one case failing must not lose the others' figures
+                unavailable[key] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            r = {"engine": engine, "precision": prec, "graph": graph, **r, "candidates": CANDIDATES,
+                 "requests_per_s": round(r["samples_per_s"] / CANDIDATES, 1), "candidates_per_s": r["samples_per_s"],
+                 **{k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in extra.items()}}
+            results.append(r)
+            by_case.setdefault(f"{engine}/{prec}", {})[graph] = r
+            log(f"{engine:<22} {prec} {graph:<7} n={CANDIDATES}: {r['requests_per_s']:>10,.0f} requests/s, "
+                f"{r['candidates_per_s']:>12,.0f} candidates/s, p50 {r['p50_ms']:.3f} ms"
+                + (f", top-{TOP_K} match {r['topk_match']}" if graph == "ranking" else ""))
+    ranking["vs_plain"] = {
+        case: {"ranking_candidates_per_s": g["ranking"]["candidates_per_s"],
+               "plain_candidates_per_s": g["plain"]["candidates_per_s"],
+               "ranking_over_plain": round(g["ranking"]["candidates_per_s"] / g["plain"]["candidates_per_s"], 3),
+               "topk_match": g["ranking"]["topk_match"]}
+        for case, g in by_case.items() if {"ranking", "plain"} <= set(g)}
+
+
+try:
+    ranking_cases()
+except Exception as exc:  # the ranking section must never cost the other figures
+    unavailable["ranking"] = f"the ranking section stopped: {type(exc).__name__}: {exc}"[:300]
 
 # ---- PyTorch CUDA: the reference that is present on most GPU images (cuBLAS; eager and CUDA graphs).
 torch = None
@@ -347,6 +571,7 @@ except Exception as exc:
     unavailable["tensorrt"] = f"{type(exc).__name__}: {exc}"[:300]
 
 gpu = os.environ.get("GPU_INFO", "")
+plain_results = [r for r in results if "candidates" not in r]  # the batch cases; the ranking section has its own
 out = {
     "check": "recserve-ctr-gpu",
     "gpu": gpu.split(",")[0].strip() if gpu else None,
@@ -355,11 +580,15 @@ out = {
     "python": platform.python_version(),
     "batches": BATCHES,
     "results": results,
-    "best": {f"{r['engine']}/{r['precision']}": max((x["samples_per_s"] for x in results
+    "best": {f"{r['engine']}/{r['precision']}": max((x["samples_per_s"] for x in plain_results
                                                      if (x["engine"], x["precision"]) == (r["engine"], r["precision"])))
-             for r in results},
+             for r in plain_results},
+    "ranking": ranking,
     "unavailable": unavailable,
-    "notes": notes + ["latency is one call from host input to host output (copies included), single stream"],
+    "notes": notes + ["latency is one call from host input to host output (copies included), single stream",
+                      f"ranking section: one request = {CANDIDATES} candidates; graph ranking answers the top "
+                      f"{TOP_K} (scores, indices), graph plain every row's score (a client then sorts); "
+                      "max_abs_error is against the plain graph on ORT CPU fp32"],
     "seconds": round(time.perf_counter() - START, 1),
 }
 line = json.dumps(out)

@@ -6,6 +6,7 @@ reconcile sees (and an edit or a deletion triggers) every object of its model, t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 NAME_LABEL = "app.kubernetes.io/name"
@@ -19,6 +20,8 @@ MODEL_LABEL = "recserve.dev/model"
 # The label the ServiceMonitor gives every scraped series for the pod's REVISION_LABEL; rollout queries,
 # the Grafana dashboard and the adapter rule select by it.
 SERIES_REVISION_LABEL = "revision"
+
+LABEL_VALUE_MAX = 63  # Kubernetes label values, and the names that become one
 
 APP_NAME = "recserve-triton"
 ROUTER_APP_NAME = "recserve-router"
@@ -54,8 +57,13 @@ def revision_name(model: str, revision: str) -> str:
 
 def build_job_name(model: str, revision: str) -> str:
     """The revision's build Job: one per revision (the revision includes the GPU product), so two builds of one
-    revision cannot run at once. Within 63 characters for model names up to 46 (the Deployment's limit is 52)."""
-    return f"{revision_name(model, revision)}-build"
+    revision cannot run at once. The Job controller labels its pods job-name=<name>, so the name is a label value
+    (63 characters at most): model names over 46 are cut, and a digest of the whole name keeps them distinct."""
+    name = f"{revision_name(model, revision)}-build"
+    if len(name) <= LABEL_VALUE_MAX:
+        return name
+    suffix = f"-{hashlib.sha256(model.encode()).hexdigest()[:6]}-{revision}-build"
+    return f"{model[: LABEL_VALUE_MAX - len(suffix)]}{suffix}"
 
 
 def router_name(model: str) -> str:

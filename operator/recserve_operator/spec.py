@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,17 +45,19 @@ FORMATS = ("keras", "savedmodel", "onnx")
 BACKENDS = ("onnxruntime", "tensorrt", "auto")
 PRECISIONS = ("fp32", "fp16", "int8")
 _URI_RE = re.compile(r"^(pvc|https?|s3|gs|file)://.+")
+# \Z, not $: Python's $ also matches before a trailing newline, which the API server takes literally (a label value
+# or image "x\n" is refused when the Deployment is applied, not here).
 # A PersistentVolumeClaim or Secret name: a DNS-1123 subdomain.
-_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_PVC_URI_RE = re.compile(r"^pvc://(?P<claim>[^/]+)/(?P<path>.+)$")
-_ENDPOINT_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
-_SHA_RE = re.compile(r"^[a-f0-9]{64}$")
-_COLUMNS_RE = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$")
-_CPU_RE = re.compile(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$")
-_MEM_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_PVC_URI_RE = re.compile(r"^pvc://(?P<claim>[^/]+)/(?P<path>.+)\Z")
+_ENDPOINT_RE = re.compile(r"^https?://[^\s/]+(/\S*)?\Z")
+_SHA_RE = re.compile(r"^[a-f0-9]{64}\Z")
+_COLUMNS_RE = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*\Z")
+_CPU_RE = re.compile(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)\Z")
+_MEM_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?\Z")
 # Kubernetes label values: the GPU product goes into a nodeSelector.
-_LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_IMAGE_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@+-]*$")
+_LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?\Z")
+_IMAGE_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@+-]*\Z")
 
 
 @dataclass(frozen=True)
@@ -307,7 +310,7 @@ def _parse_optimize(m: Mapping[str, Any]) -> Optimize:
             samples=_int(c, "samples", "spec.optimize.calibration", 512, 1),
         )
     max_err = parity.get("maxAbsError", 1e-4)
-    if isinstance(max_err, bool) or not isinstance(max_err, int | float) or max_err < 0:
+    if isinstance(max_err, bool) or not isinstance(max_err, int | float) or not 0 <= max_err < math.inf:
         raise InvalidSpec(f"spec.optimize.parity.maxAbsError must be a number >= 0, got {max_err!r}")
     return Optimize(
         backend=_enum(m, "backend", "spec.optimize", "onnxruntime", BACKENDS),
@@ -389,6 +392,9 @@ def _parse_serving(m: Mapping[str, Any]) -> Serving:
         raise InvalidSpec(f"{p}.warmup must be a boolean, got {warmup!r}")
     cache = m.get("buildCache")
     claim = _str(_obj(cache, f"{p}.buildCache"), "claimName", f"{p}.buildCache") if cache is not None else None
+    if claim is not None and (len(claim) > 253 or not _DNS_SUBDOMAIN_RE.match(claim)):
+        raise InvalidSpec(f"{p}.buildCache.claimName must be a PersistentVolumeClaim name (lowercase DNS subdomain), "
+                          f"got {claim!r}")  # fmt: skip
     ranking = _parse_ranking(_obj(m["ranking"], f"{p}.ranking")) if m.get("ranking") is not None else None
     tuning = _parse_tuning(_obj(m["tuning"], f"{p}.tuning"), max_batch) if m.get("tuning") is not None else None
     return Serving(

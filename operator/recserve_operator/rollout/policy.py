@@ -30,7 +30,11 @@ __all__ = [
 
 DEFAULT_STICKY_HEADER = "x-user-id"
 DEFAULT_VARIANT_HEADER = "x-recserve-variant"
-_HEADER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+_HEADER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}\Z")  # \Z: $ would let a trailing newline into nginx.conf
+# What the Gateway API CRD admits in an HTTPRoute's parentRef (Namespace, SectionName): checked here, so a bad
+# reference is an InvalidSpec condition rather than an HTTPRoute the API server refuses at every reconcile.
+_NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+_SECTION_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PROMQL_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -270,9 +274,14 @@ def _parse_routing(d: Mapping[str, Any]) -> RoutingPolicy:
     if d.get("parentRef"):
         ref = _mapping(d["parentRef"], "spec.rollout.routing.parentRef")
         name = ref.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidSpec("spec.rollout.routing.parentRef.name: required")
+        if not isinstance(name, str) or not name or len(name) > 253:
+            raise InvalidSpec("spec.rollout.routing.parentRef.name: required, at most 253 characters")
         namespace, section = ref.get("namespace") or None, ref.get("sectionName") or None
+        if namespace is not None and (not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace)):
+            raise InvalidSpec(f"spec.rollout.routing.parentRef.namespace: {namespace!r} is not a namespace name")
+        if section is not None and (not isinstance(section, str) or len(section) > 253
+                                    or not _SECTION_RE.match(section)):  # fmt: skip
+            raise InvalidSpec(f"spec.rollout.routing.parentRef.sectionName: {section!r} is not a listener name")
         parent_ref = ParentRef(name, namespace=namespace, section_name=section)
     if provider is RoutingProvider.GATEWAY_API and parent_ref is None:
         raise InvalidSpec("spec.rollout.routing.parentRef: required for provider gatewayAPI")

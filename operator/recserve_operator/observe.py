@@ -187,7 +187,9 @@ def _tuned(outcome: Mapping[str, Any]) -> str | None:
     levels = tuning.get("concurrency_levels") or []
     span = f"concurrency {min(levels)}-{max(levels)}" if levels else "the load range"
     verdict = "within" if tuning.get("slo_met") else "not within (no configuration met it)"
-    return f"{tuning['chosen']} (p99 {verdict} {tuning.get('slo_p99_ms')} ms at {span})"
+    slo = tuning.get("slo_p99_ms")
+    slo_text = format(slo, "g") if isinstance(slo, (int, float)) else str(slo)
+    return f"{tuning['chosen']} (p99 {verdict} {slo_text} ms at {span})"
 
 
 def _deciding_state(pods: Iterable[Mapping[str, Any]]) -> tuple[str, Mapping[str, Any]] | None:

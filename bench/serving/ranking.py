@@ -66,6 +66,18 @@ def v2_body(inputs: list[tuple[str, np.ndarray, str]], outputs: list[str]) -> tu
                                      "Content-Type": "application/octet-stream"}  # fmt: skip
 
 
+def request_bodies(
+    spec: dict[str, Any], rows: Any, req_cols: list[int], cand_cols: list[int]
+) -> tuple[list[tuple[bytes, dict[str, str]]], list[tuple[bytes, dict[str, str]]]]:
+    """Each request twice: as the model's own rows, and as the ranking head's request/candidates/k."""
+    k = np.array([K], np.int64)
+    row_bodies = [v2_body([(spec["input_name"], r, "FP32")], [spec["output_name"]]) for r in rows]
+    rank_bodies = [v2_body([("request", np.ascontiguousarray(r[:1, req_cols]), "FP32"),
+                            ("candidates", np.ascontiguousarray(r[:, cand_cols]), "FP32"), ("k", k, "INT64")],
+                           ["indices", "scores"]) for r in rows]  # fmt: skip
+    return row_bodies, rank_bodies
+
+
 def ceiling(onnx_path: Path, feeds: list[dict[str, np.ndarray]], duration_s: float) -> dict[str, float]:
     """In-process ONNX Runtime on the same requests, one after another: requests/s and p50/p99."""
     import onnxruntime as ort
@@ -115,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = make_requests(spec_path, a.requests, a.candidates)  # [R, N, F]: each request one user, one context
     assert all(np.all(r[:, req_cols] == r[:1, req_cols]) for r in rows), "request columns differ within a request"
     k = np.array([K], np.int64)
-    row_bodies = [v2_body([(spec["input_name"], r, "FP32")], [spec["output_name"]]) for r in rows]
-    rank_bodies = [v2_body([("request", np.ascontiguousarray(r[:1, req_cols]), "FP32"),
-                            ("candidates", np.ascontiguousarray(r[:, cand_cols]), "FP32"), ("k", k, "INT64")],
-                           ["indices", "scores"]) for r in rows]  # fmt: skip
+    row_bodies, rank_bodies = request_bodies(spec, rows, req_cols, cand_cols)
     sizes = {ROWS: float(np.mean([len(b) for b, _ in row_bodies])),
              RANKER: float(np.mean([len(b) for b, _ in rank_bodies]))}
 

@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "operator")]
 
-from ranking import RANKER, ROWS, K, v2_body  # noqa: E402
+from ranking import RANKER, ROWS, K, request_bodies  # noqa: E402
 from run import ensure_model, log, make_requests  # noqa: E402
 
 from model_repo_builder.ranking import parse_columns  # noqa: E402
@@ -296,11 +296,7 @@ def measure(cluster: Cluster, tmp: Path, *, model: Path, spec_path: Path, a: arg
     cand_cols = [c for c in range(int(spec["feature_dim"])) if c not in set(req_cols)]
     rows = make_requests(spec_path, a.requests, a.candidates)  # [R, N, F]: each request one user, one context
     assert all(np.all(r[:, req_cols] == r[:1, req_cols]) for r in rows), "request columns differ within a request"
-    k = np.array([K], np.int64)
-    row_bodies = [v2_body([(spec["input_name"], r, "FP32")], [spec["output_name"]]) for r in rows]
-    rank_bodies = [v2_body([("request", np.ascontiguousarray(r[:1, req_cols]), "FP32"),
-                            ("candidates", np.ascontiguousarray(r[:, cand_cols]), "FP32"), ("k", k, "INT64")],
-                           ["indices", "scores"]) for r in rows]  # fmt: skip
+    row_bodies, rank_bodies = request_bodies(spec, rows, req_cols, cand_cols)
     bodies = {ROWS: [b for b, _ in row_bodies], RANKER: [b for b, _ in rank_bodies]}
     # One header set per model: every body of a model has the same shapes, so the same JSON header length.
     headers = {ROWS: row_bodies[0][1], RANKER: rank_bodies[0][1]}

@@ -176,23 +176,21 @@ def _add_store_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="write the outcome (one JSON line) here too, e.g. /dev/termination-log")
 
 
-def _open_store(args: argparse.Namespace) -> Any:
-    """The model store of --store (None without it); with --reuse, `args.reused` is the outcome when it already
-    holds --artifact-key."""
-    args.reused = None
+def _open_store(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """(the model store of --store or None, the outcome to report when --reuse finds --artifact-key published)."""
     if (args.store is None) != (args.artifact_key is None):
         raise errors.UsageError("--store and --artifact-key go together", "pass both to publish, neither to not")
     if args.store is None:
-        return None
+        return None, None
     from model_repo_builder.artifact import MANIFEST, Manifest, open_store
 
     store = open_store(args.store, args.store_endpoint)
     existing = store.read(f"{args.artifact_key}/{MANIFEST}") if args.reuse else None
-    if existing is not None:
-        manifest = Manifest.from_bytes(existing)
-        args.reused = {"artifact": {"key": args.artifact_key, "digest": manifest.digest, "reused": True},
-                       "name": manifest.name, "version": manifest.version}  # fmt: skip
-    return store
+    if existing is None:
+        return store, None
+    manifest = Manifest.from_bytes(existing)
+    return store, {"artifact": {"key": args.artifact_key, "digest": manifest.digest, "reused": True},
+                   "name": manifest.name, "version": manifest.version}  # fmt: skip
 
 
 def _emit(data: dict[str, Any], as_json: bool, human: str) -> None:
@@ -207,10 +205,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from model_repo_builder.builder import BuildRequest, build
     from model_repo_builder.progress import progress_enabled
 
-    store = _open_store(args)
-    if args.reused is not None:
-        return _done(args, args.reused, f"reused {args.artifact_key} ({args.reused['artifact']['digest'][:12]}): "
-                                        "nothing to build")
+    store, reused = _open_store(args)
+    if reused is not None:
+        return _done(args, reused, f"reused {args.artifact_key} ({reused['artifact']['digest'][:12]}): "
+                                   "nothing to build")
     if args.defer_publish and store is None:
         raise errors.UsageError("--defer-publish needs --store and --artifact-key", "pass them, or drop the flag")
 
@@ -242,9 +240,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         + (f"\n  published {args.artifact_key} ({result.report['artifact']['digest'][:12]})"
            if store is not None and not args.defer_publish else "")
     )
-    if args.defer_publish:  # nothing published yet: `profile --store` writes the outcome the operator reads
-        args.termination_log = None
-    return _done(args, result.report, human)
+    # Deferred: nothing is published yet, so `profile --store` writes the outcome the operator reads.
+    return _done(args, result.report, human, outcome=not args.defer_publish)
 
 
 def _ranking_spec(args: argparse.Namespace) -> Any:
@@ -271,8 +268,8 @@ def _publish(args: argparse.Namespace, store: Any, tree: Path, name: str, versio
     return out
 
 
-def _done(args: argparse.Namespace, report: dict[str, Any], human: str) -> int:
-    if args.termination_log is not None:
+def _done(args: argparse.Namespace, report: dict[str, Any], human: str, *, outcome: bool = True) -> int:
+    if outcome and args.termination_log is not None:
         # Kubernetes keeps at most 4 KiB of it: the outcome, not the whole report.
         brief: dict[str, Any] = {"status": "ok"}
         brief.update({k: report[k] for k in ("artifact", "name", "version") if k in report})
@@ -334,10 +331,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from model_repo_builder.profile import ProfileRequest, run_profile
     from model_repo_builder.progress import progress_enabled
 
-    store = _open_store(args)
-    if args.reused is not None:
-        return _done(args, args.reused, f"reused {args.artifact_key} ({args.reused['artifact']['digest'][:12]}): "
-                                        "nothing to tune")
+    store, reused = _open_store(args)
+    if reused is not None:
+        return _done(args, reused, f"reused {args.artifact_key} ({reused['artifact']['digest'][:12]}): "
+                                   "nothing to tune")
     if store is not None and not args.apply:
         raise errors.UsageError("--store publishes the tuned repository: it needs --apply", "add --apply")
     req = ProfileRequest(

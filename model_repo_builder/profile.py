@@ -297,21 +297,23 @@ def wait_for_server(url: str, timeout_s: float) -> None:
     """Wait until the Triton at `url` is live (a build Job's sidecar starts beside the tuner)."""
     import tritonclient.grpc as grpcclient
 
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while True:
+    from model_repo_builder.triton_local import poll_until
+
+    last = ["no answer"]
+
+    def live() -> bool:
         client = grpcclient.InferenceServerClient(url)
         try:
-            if client.is_server_live(client_timeout=5):
-                return
+            return bool(client.is_server_live(client_timeout=5))
         except Exception as exc:  # connection refused while the server starts
-            last = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            last[0] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return False
         finally:
             client.close()
-        if time.monotonic() >= deadline:
-            raise BadInputError(f"no Triton answered at {url} within {timeout_s:.0f}s ({last})",
-                                "check the Triton container's log")
-        time.sleep(0.5)
+
+    if not poll_until(live, timeout_s, 0.5):
+        raise BadInputError(f"no Triton answered at {url} within {timeout_s:.0f}s ({last[0]})",
+                            "check the Triton container's log")
 
 
 def load_with_config(url: str, cfg: mc.ModelConfig, timeout_s: float = 120.0) -> None:

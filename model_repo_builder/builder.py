@@ -57,6 +57,7 @@ class BuildRequest:
     s3_endpoint: str | None = None
     max_download_bytes: int | None = None
     max_extracted_bytes: int | None = None  # an archive source's extracted size (None: twice the download limit)
+    download_timeout_s: float | None = None  # None: fetch.DEFAULT_DOWNLOAD_TIMEOUT_S
     # Load sources whose loading runs code they carry (Keras Lambda layers, pickles): see safety.check_source.
     allow_unsafe_deserialization: bool = False
     overwrite: bool = False
@@ -269,6 +270,8 @@ def _plan(req: BuildRequest) -> _Plan:
 def _fetch_source(b: _Build) -> FetchedSource:
     req = b.req
     kwargs: dict[str, Any] = {"max_bytes": req.max_download_bytes} if req.max_download_bytes else {}
+    if req.download_timeout_s:
+        kwargs["download_timeout_s"] = req.download_timeout_s
     return fetch(req.source, b.staging, sha256=req.sha256, s3_endpoint=req.s3_endpoint,
                  max_extracted_bytes=req.max_extracted_bytes, show_progress=req.show_progress, **kwargs)  # fmt: skip
 

@@ -50,6 +50,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = _Parser(prog="model-repo-builder", description=_DESCRIPTION, epilog=errors.EXIT_CODES_HELP, formatter_class=fmt)
@@ -85,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--opset", type=_positive_int, default=17)
     b.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     b.add_argument("--max-download-bytes", type=_positive_int)
+    b.add_argument("--download-timeout", type=_positive_float, metavar="SECONDS",
+                   help="abandon a download of the source that takes longer (default 1800)")
     b.add_argument("--max-extracted-bytes", type=_positive_int,
                    help="refuse an archive source that extracts to more (default: twice the download limit)")
     b.add_argument("--allow-unsafe-deserialization", action="store_true",
@@ -223,6 +235,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         parity_max_abs_error=args.parity_max_abs_error, parity_samples=args.parity_samples,
         parity_data=args.parity_data, opset=args.opset, s3_endpoint=args.s3_endpoint,
         max_download_bytes=args.max_download_bytes, max_extracted_bytes=args.max_extracted_bytes,
+        download_timeout_s=args.download_timeout,
         allow_unsafe_deserialization=args.allow_unsafe_deserialization, overwrite=args.overwrite,
         cache_dir=args.cache_dir,
         show_progress=progress_enabled(args.json), ranking=_ranking_spec(args),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,28 @@ DEFAULT_PVC_ROOT = "/mnt/pvc"
 PVC_ROOT_ENV = "RECSERVE_PVC_ROOT"
 DEFAULT_MAX_BYTES = 4 << 30  # refuse downloads above 4 GiB unless raised: ranking models are far smaller
 _CHUNK = 1 << 20
+# A download must finish within this many seconds: a source that trickles bytes slower than any read timeout
+# notices would otherwise hold a build until its Job's deadline, with no reason given.
+DEFAULT_DOWNLOAD_TIMEOUT_S = 1800.0
+_READ_TIMEOUT_S = 60.0
+
+
+class Deadline:
+    """The time budget of one download: `check(received, total)` raises once it is spent."""
+
+    def __init__(self, uri: str, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.uri, self.seconds, self.clock = uri, seconds, clock
+        self.start = clock()
+
+    def check(self, received: int, total: int | None = None) -> None:
+        elapsed = self.clock() - self.start
+        if elapsed > self.seconds:
+            of = f" of {total}" if total else ""
+            raise BadInputError(
+                f"download of {self.uri} too slow: {received}{of} bytes in {elapsed:.0f} s, over the "
+                f"{self.seconds:g}-second limit",
+                "serve the model from a faster store, or raise --download-timeout",
+            )
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,7 @@ def _maybe_extract(path: Path, workdir: Path, limits: archive.Limits) -> Path:
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else out
 
 
-def _fetch_http(uri: str, dest: Path, max_bytes: int, show_progress: bool, retries: int) -> Path:
+def _fetch_http(uri: str, dest: Path, max_bytes: int, *, show_progress: bool, retries: int, deadline: Deadline) -> Path:
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
@@ -90,7 +114,7 @@ def _fetch_http(uri: str, dest: Path, max_bytes: int, show_progress: bool, retri
     name = Path(urlparse(uri).path).name or "model"
     target = dest / name
     try:
-        with session.get(uri, stream=True, timeout=(10, 60)) as resp:
+        with session.get(uri, stream=True, timeout=(10, _READ_TIMEOUT_S)) as resp:
             if resp.status_code == 404:
                 raise BadInputError(f"HTTP 404: {uri} not found", "check the URL (and that the object was uploaded)")
             if resp.status_code >= 400:
@@ -102,7 +126,10 @@ def _fetch_http(uri: str, dest: Path, max_bytes: int, show_progress: bool, retri
                 )
             written = 0
             with target.open("wb") as f, progress_bar(length or None, f"download {name}", show_progress) as bar:
-                for chunk in resp.iter_content(_CHUNK):
+                # read1 returns what one socket read brings (iter_content blocks until a whole chunk arrives), so
+                # a trickling source meets the deadline within one read timeout.
+                while chunk := resp.raw.read1(_CHUNK, decode_content=True):
+                    deadline.check(written, length or None)
                     written += len(chunk)
                     if written > max_bytes:
                         raise BadInputError(f"{uri} exceeds the {max_bytes}-byte limit", "raise --max-download-bytes")
@@ -133,12 +160,15 @@ def _s3_client(endpoint: str | None, env_prefix: str = "") -> Any:
             "aws_secret_access_key": os.environ.get(f"{env_prefix}AWS_SECRET_ACCESS_KEY"),
             "aws_session_token": os.environ.get(f"{env_prefix}AWS_SESSION_TOKEN"),
             "region_name": os.environ.get(f"{env_prefix}AWS_DEFAULT_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1",
         }
     return boto3.client("s3", endpoint_url=endpoint, config=cfg, **keys)
 
 
-def _fetch_s3(uri: str, dest: Path, endpoint: str | None, max_bytes: int, show_progress: bool) -> Path:
+def _fetch_s3(
+    uri: str, dest: Path, endpoint: str | None, max_bytes: int, *, show_progress: bool, deadline: Deadline
+) -> Path:
     from botocore.exceptions import BotoCoreError, ClientError
 
     parsed = urlparse(uri)
@@ -157,7 +187,10 @@ def _fetch_s3(uri: str, dest: Path, endpoint: str | None, max_bytes: int, show_p
                 raise BadInputError(f"no objects under {uri}", "check the bucket and prefix")
             if sum(s for _, s in keys) > max_bytes:
                 raise BadInputError(f"{uri} exceeds the {max_bytes}-byte limit", "raise --max-download-bytes")
-            for obj_key, _ in keys:
+            received = 0
+            for obj_key, obj_size in keys:
+                deadline.check(received, sum(s for _, s in keys))
+                received += obj_size
                 rel = obj_key[len(key) :]
                 if not rel or ".." in Path(rel).parts:
                     continue
@@ -171,8 +204,15 @@ def _fetch_s3(uri: str, dest: Path, endpoint: str | None, max_bytes: int, show_p
                 f"{uri} is {size} bytes, above the {max_bytes}-byte limit", "raise --max-download-bytes"
             )
         target = dest / Path(key).name
+        got = [0]
+
+        def progress(n: int) -> None:  # s3transfer fails the transfer with what a callback raises
+            got[0] += n
+            bar.update(n)
+            deadline.check(got[0], size)
+
         with progress_bar(size, f"download {target.name}", show_progress) as bar:
-            client.download_file(bucket, key, str(target), Callback=bar.update)
+            client.download_file(bucket, key, str(target), Callback=progress)
         return target
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -197,13 +237,15 @@ def fetch(
     s3_endpoint: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_extracted_bytes: int | None = None,
+    download_timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
     show_progress: bool = False,
     retries: int = 3,
 ) -> FetchedSource:
     """Make `uri` available locally (remote sources are downloaded into `workdir`) and verify the sha256 pin.
 
     An archive is extracted into `workdir` within `max_extracted_bytes` (default: archive.EXTRACT_FACTOR times
-    `max_bytes`); a directory source must not link outside itself."""
+    `max_bytes`); a directory source must not link outside itself. A download taking longer than
+    `download_timeout_s` is abandoned."""
     uri = str(uri)
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower() if len(parsed.scheme) > 1 else ""  # "C:" style drive letters are paths
@@ -212,14 +254,17 @@ def fetch(
     elif scheme == "pvc":
         raw = _local(resolve_pvc(uri), uri)
     elif scheme in ("http", "https"):
-        raw = _fetch_http(uri, workdir, max_bytes, show_progress, retries)
+        deadline = Deadline(uri, download_timeout_s)
+        raw = _fetch_http(uri, workdir, max_bytes, show_progress=show_progress, retries=retries, deadline=deadline)
     elif scheme == "s3":
-        raw = _fetch_s3(uri, workdir, s3_endpoint, max_bytes, show_progress)
+        deadline = Deadline(uri, download_timeout_s)
+        raw = _fetch_s3(uri, workdir, s3_endpoint, max_bytes, show_progress=show_progress, deadline=deadline)
     elif scheme == "gs":
         # Google Cloud Storage through its S3-compatible XML API (HMAC keys in AWS_ACCESS_KEY_ID/SECRET), so one
         # well-kept client (boto3) serves both clouds.
         endpoint = s3_endpoint or os.environ.get("GCS_ENDPOINT_URL") or GCS_S3_ENDPOINT
-        raw = _fetch_s3(uri, workdir, endpoint, max_bytes, show_progress)
+        deadline = Deadline(uri, download_timeout_s)
+        raw = _fetch_s3(uri, workdir, endpoint, max_bytes, show_progress=show_progress, deadline=deadline)
     else:
         raise UsageError(
             f"unsupported source scheme {scheme!r} in {uri!r}",

@@ -101,3 +101,9 @@ def test_conflicting_options_are_usage_errors(capsys: pytest.CaptureFixture[str]
     r = run_cli(capsys, "build", "--source", "x.onnx", "--repo", repo_with_version, "--name", "m2",
                 "--max-batch-size", "8", "--preferred-batch-sizes", "16")
     assert r.code == 2 and "preferred batch size 16" in r.err
+
+
+def test_a_download_timeout_must_be_a_positive_number(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    for bad in ("0", "-3", "soon", "inf"):
+        r = run_cli(capsys, "build", "--source", "x.onnx", "--repo", tmp_path, "--name", "m", "--download-timeout", bad)
+        assert r.code == 2 and "--download-timeout" in r.err, (bad, r.err)

@@ -86,8 +86,12 @@ def test_s3_object_prefix_and_missing_key(tmp_path: Path, s3_server: S3Server) -
     client.put_object(Bucket=s3_server.bucket, Key="sm/saved_model.pb", Body=b"pb")
     client.put_object(Bucket=s3_server.bucket, Key="sm/variables/variables.index", Body=b"ix")
 
-    got = F.fetch(f"s3://{s3_server.bucket}/ctr/1/model.onnx", tmp_path, s3_endpoint=s3_server.endpoint,
-                  sha256=hashlib.sha256(payload).hexdigest())
+    got = F.fetch(
+        f"s3://{s3_server.bucket}/ctr/1/model.onnx",
+        tmp_path,
+        s3_endpoint=s3_server.endpoint,
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
     assert got.path.read_bytes() == payload
 
     got = F.fetch(f"s3://{s3_server.bucket}/sm/", tmp_path, s3_endpoint=s3_server.endpoint)
@@ -96,8 +100,7 @@ def test_s3_object_prefix_and_missing_key(tmp_path: Path, s3_server: S3Server) -
     with pytest.raises(BadInputError, match="not found"):
         F.fetch(f"s3://{s3_server.bucket}/ctr/9/model.onnx", tmp_path, s3_endpoint=s3_server.endpoint)
     with pytest.raises(BadInputError, match="sha256 mismatch"):
-        F.fetch(f"s3://{s3_server.bucket}/ctr/1/model.onnx", tmp_path, s3_endpoint=s3_server.endpoint,
-                sha256="f" * 64)
+        F.fetch(f"s3://{s3_server.bucket}/ctr/1/model.onnx", tmp_path, s3_endpoint=s3_server.endpoint, sha256="f" * 64)
 
 
 def test_gs_uses_the_s3_compatible_api_at_the_configured_endpoint(
@@ -108,8 +111,9 @@ def test_gs_uses_the_s3_compatible_api_at_the_configured_endpoint(
     payload = b"gcs-model" * 1000
     s3_server.client().put_object(Bucket=s3_server.bucket, Key="two-tower/7/user_tower.keras", Body=payload)
     monkeypatch.setenv("GCS_ENDPOINT_URL", s3_server.endpoint)
-    got = F.fetch(f"gs://{s3_server.bucket}/two-tower/7/user_tower.keras", tmp_path,
-                  sha256=hashlib.sha256(payload).hexdigest())
+    got = F.fetch(
+        f"gs://{s3_server.bucket}/two-tower/7/user_tower.keras", tmp_path, sha256=hashlib.sha256(payload).hexdigest()
+    )
     assert got.path.read_bytes() == payload
 
 
@@ -157,3 +161,86 @@ def test_http_retries_transient_errors(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Dribble:
+    """An HTTP server sending `size` bytes one at a time with a pause between them (a slow or stalled store), with
+    or without a Content-Length; stops writing when the client hangs up or the test ends."""
+
+    def __init__(self, size: int, pause_s: float, *, length: bool) -> None:
+        import http.server
+        import threading
+
+        self.done = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # no length: the body ends when the connection closes
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                if length:
+                    self.send_header("Content-Length", str(size))
+                self.end_headers()
+                try:
+                    for _ in range(size):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        if pause_s and outer.done.wait(pause_s):
+                            return
+                except OSError:
+                    return  # the client gave up: what the tests expect
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/model.onnx"
+
+    def __enter__(self) -> _Dribble:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_download_slower_than_its_deadline_is_abandoned_with_the_bytes_it_got(tmp_path: Path) -> None:
+    # 1 byte per 20 ms never trips a 60 s read timeout; the deadline ends it and says how far it got.
+    too_slow = r"too slow: \d+ of 100000 bytes in \d+ s, over the 0.5-second limit"
+    with _Dribble(100_000, 0.02, length=True) as slow, pytest.raises(BadInputError, match=too_slow):
+        F.fetch(slow.url, tmp_path, download_timeout_s=0.5)
+
+
+def test_a_source_without_a_length_is_cut_at_the_byte_limit(tmp_path: Path) -> None:
+    with _Dribble(50_000, 0.0, length=False) as huge:
+        with pytest.raises(BadInputError, match="exceeds the 1000-byte limit"):
+            F.fetch(huge.url, tmp_path, max_bytes=1000)
+        ok = tmp_path / "ok"
+        ok.mkdir()
+        assert F.fetch(huge.url, ok, max_bytes=50_000).size_bytes == 50_000  # at the limit: kept whole
+
+
+def test_the_deadline_counts_from_its_start_on_the_given_clock() -> None:
+    now = [100.0]
+    deadline = F.Deadline("s3://b/k", 30, clock=lambda: now[0])
+    now[0] = 130.0
+    deadline.check(5)  # exactly at the limit: still allowed
+    now[0] = 130.5
+    with pytest.raises(BadInputError, match=r"s3://b/k too slow: 7 of 9 bytes in 30 s") as err:
+        deadline.check(7, 9)
+    assert "--download-timeout" in err.value.hint
+
+
+def test_an_s3_download_past_its_deadline_is_abandoned(tmp_path: Path, s3_server: S3Server) -> None:
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="slow/model.onnx", Body=b"z" * 200_000)
+    with pytest.raises(BadInputError, match="too slow"):
+        F.fetch(
+            f"s3://{s3_server.bucket}/slow/model.onnx",
+            tmp_path,
+            s3_endpoint=s3_server.endpoint,
+            download_timeout_s=1e-6,
+        )

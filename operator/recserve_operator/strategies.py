@@ -76,8 +76,10 @@ class Progressive:
     def decide(self, ctx: Context, measured: Measured) -> Plan:
         policy, latest, observations = ctx.spec.rollout, ctx.ids.revision, ctx.observations
         state = _resume_state(ctx.status)
+        cand = observations.get(latest)
         obs = Observation(
-            desired_revision=latest, candidate_available=_candidate_carries(state, observations.get(latest), latest),
+            desired_revision=latest, candidate_available=_candidate_carries(state, cand, latest),
+            candidate_failing=cand.container_failing if cand is not None else None,
             analysis=measured.analysis, ab=measured.ab, action=_manual_action(ctx.annotations),
         )  # fmt: skip
         decision: Decision = next_step(policy, state, obs, ctx.now)

@@ -37,10 +37,13 @@ class Observation:
     desired_revision: the revision in the spec; a revision that differs from both the stable and the one in
     state starts (or supersedes) a rollout. candidate_available: the candidate Deployment is Available and
     Triton reports the model READY. analysis / ab: results over the last interval (None when not measured).
+    candidate_failing: why the candidate's Triton container cannot run (CrashLoopBackOff, image pull), None
+    while it runs.
     """
 
     desired_revision: str | None
     candidate_available: bool = False
+    candidate_failing: str | None = None
     analysis: AnalysisResult | None = None
     ab: AbVerdict | None = None
     action: ManualAction = ManualAction.NONE
@@ -281,6 +284,10 @@ def _progress(
     if action is ManualAction.ABORT:
         d = _end(state, Phase.ABORTED, "manual abort", now)
         return Decision(d.state, d.weights, d.action, d.reason, d.event, None, ManualAction.ABORT)
+    if obs.candidate_failing and state.split_started_at is not None:
+        # Mid-rollout (it has carried traffic) a candidate whose container keeps failing is rolled back, not
+        # waited for: held at 0% it would never recover on its own, and no deadline would end the wait.
+        return _end(state, Phase.ROLLED_BACK, f"candidate failing: {obs.candidate_failing}", now)
     if not obs.candidate_available:
         # Traffic never goes to a candidate that is not Available. The step restarts when it is back.
         msg = f"candidate {state.revision} is not Available; all traffic on stable"

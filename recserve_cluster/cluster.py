@@ -75,6 +75,57 @@ class Cluster:
                      input=doc)
 
 
+CONTROL_PLANE_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok-controller")
+
+
+@dataclass(frozen=True)
+class ComponentProcess:
+    """How a running process was started (command line, working directory, environment): enough to start it
+    again exactly so, on the same ports with the same data directory."""
+
+    argv: tuple[str, ...]
+    cwd: Path
+    env: dict[str, str]
+
+    @classmethod
+    def of(cls, pid: int, proc: Path = Path("/proc")) -> ComponentProcess:
+        base = proc / str(pid)
+        try:
+            raw_argv = (base / "cmdline").read_bytes()
+            raw_env = (base / "environ").read_bytes()
+            cwd = Path(os.readlink(base / "cwd"))
+        except OSError as exc:
+            raise ClusterError(f"cannot read how process {pid} was started: {exc}") from exc
+        argv = tuple(a.decode() for a in raw_argv.split(b"\0") if a)
+        if not argv:
+            raise ClusterError(f"process {pid} has no command line (it exited, or is a zombie)")
+        pairs = (item.decode().split("=", 1) for item in raw_env.split(b"\0") if b"=" in item)
+        return cls(argv, cwd, {k: v for k, v in pairs})
+
+
+def _process_gone(pid: int, proc: Path = Path("/proc")) -> bool:
+    """Exited (a zombie counts: it holds no ports or files any more)."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _terminate(pid: int, grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; returns once the process is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    try:
+        wait_for(lambda: _process_gone(pid), grace, 0.1, f"process {pid} to exit")
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: _process_gone(pid), 30, f"process {pid} to exit after SIGKILL", 0.1)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
 class Provider(Protocol):
     """How a test cluster is obtained and released."""
 
@@ -183,6 +234,53 @@ class KwokProvider:
             self.down()
             raise
         return cluster
+
+    # ------------------------------------------------------------------ fault injection (tests)
+    def _pidfile(self, component: str) -> Path:
+        if component not in CONTROL_PLANE_COMPONENTS:
+            raise ClusterError(f"unknown control-plane component {component!r}; one of {CONTROL_PLANE_COMPONENTS}")
+        return self.cluster_dir / "pids" / f"{component}.pid"
+
+    def component_pid(self, component: str) -> int:
+        pidfile = self._pidfile(component)
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ClusterError(f"no pid recorded for {component} in {pidfile}: {exc}") from exc
+
+    def stop_component(self, component: str, grace: float = 30) -> ComponentProcess:
+        """Stop one control-plane process (SIGTERM, SIGKILL after `grace` s); returns how to start it again."""
+        pid = self.component_pid(component)
+        how = ComponentProcess.of(pid)
+        _log(f"stopping {component} (pid {pid})")
+        _terminate(pid, grace)
+        return how
+
+    def start_component(self, component: str, how: ComponentProcess) -> int:
+        """Start a component stopped by stop_component as kwokctl did: detached, logging to its log file, its
+        pid in its pid file (so `kwokctl delete cluster` stops it)."""
+        logs = self.cluster_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{component}.log", "ab") as log:
+            proc = subprocess.Popen(list(how.argv), cwd=how.cwd, env=how.env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self._pidfile(component).write_text(str(proc.pid))
+        _log(f"started {component} again (pid {proc.pid})")
+        return proc.pid
+
+    def restart_component(self, cluster: Cluster, component: str, timeout: float = 120) -> int:
+        """Stop and start one control-plane process in place (same command line, ports, data directory), then
+        wait until the API server is ready (its /readyz checks etcd too). Returns the new pid."""
+        how = self.stop_component(component)
+        pid = self.start_component(component, how)
+        self.wait_ready(cluster, timeout)
+        return pid
+
+    def wait_ready(self, cluster: Cluster, timeout: float = 120) -> None:
+        def ready() -> bool:
+            return cluster.kubectl("get", "--raw", "/readyz", check=False, timeout=10).stdout.strip() == "ok"
+
+        wait_until(ready, timeout, "the API server to be ready (/readyz)")
 
     def _start_node(self, cluster: Cluster) -> None:
         try:

@@ -386,6 +386,23 @@ class RealNode:
         self._reload()
         return all(self._alive(n) for n in ("containerd", "kubelet", "kube-proxy"))
 
+    # ----------------------------------------------------------------------------------- fault injection
+    def remove(self, cluster: Cluster, timeout: float = 60) -> None:
+        """Take the node out of the cluster as a failed machine leaves it: its kubelet stops (containers keep
+        running, unmanaged, until it returns) and its Node object is deleted, so the control plane deletes the
+        pods bound to it and their controllers create new ones, which wait for a node that fits."""
+        self._reload()
+        self._stop_process("kubelet")
+        cluster.kubectl("delete", "node", nc.NODE_NAME, "--ignore-not-found", f"--timeout={int(timeout)}s",
+                        timeout=timeout + 10)  # fmt: skip
+
+    def readd(self, cluster: Cluster) -> None:
+        """Bring a removed node back: the kubelet registers the Node again (labels from its flags), its simulated
+        GPUs are advertised, and it removes the containers of pods that no longer exist."""
+        self._reload()
+        self._start_kubelet(cluster)
+        self._advertise_gpus(cluster)
+
     # ----------------------------------------------------------------------------------- teardown
     def stop(self) -> None:
         """Stop every process, container, mount, link and rule this node created; restore the sysctls."""

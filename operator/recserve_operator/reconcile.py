@@ -26,7 +26,7 @@ from recserve_operator.builders.hpa import build_hpa
 from recserve_operator.builders.job import build_job
 from recserve_operator.builders.pdb import build_pdb
 from recserve_operator.builders.service import build_revision_service, build_stable_service
-from recserve_operator.builders.servicemonitor import build_servicemonitor
+from recserve_operator.builders.servicemonitor import build_servicemonitor, build_shadow_servicemonitor
 from recserve_operator.builders.store import StoreKeysMissing, store_keys_secret
 from recserve_operator.kube import RESOURCES, Kube, resource_of
 from recserve_operator.lifecycle import RouterObservation, TrafficDecision, router_serves
@@ -51,6 +51,7 @@ from recserve_operator.observe import (
     observe_revision,
     with_build,
 )
+from recserve_operator.rollout.policy import RoutingProvider
 from recserve_operator.rollout.policy import Strategy as RolloutStrategy
 from recserve_operator.settings import OperatorDefaults
 from recserve_operator.spec import InvalidSpec, RecommenderModelSpec, parse_spec, revision_of
@@ -185,7 +186,8 @@ class Reconciler:
         # Imported on first use: the rollout statistics stack (scipy, statsmodels) costs ~85 MiB of RSS.
         from recserve_operator.strategies import Progressive
 
-        return Progressive(self._metrics, self.defaults.router_image, self.defaults.router_placement())
+        return Progressive(self._metrics, self.defaults.router_image, self.defaults.router_placement(),
+                           shadow_image=self.defaults.fetcher_image)  # fmt: skip
 
     def _desired(self, ctx: Context, plan: Plan) -> list[dict[str, Any]]:
         """Every object the plan needs. A rolled-back or superseded candidate is not recreated: only revisions the
@@ -196,6 +198,8 @@ class Reconciler:
         desired.append(build_stable_service(spec, ids.at(decision.stable)))
         if self.servicemonitor_supported():
             desired.append(build_servicemonitor(spec, ids))
+            if spec.rollout.shadow is not None and spec.rollout.routing.provider is RoutingProvider.BUILTIN:
+                desired.append(build_shadow_servicemonitor(ids))
         return [*desired, *plan.router_objects]
 
     def _apply(self, ctx: Context, plan: Plan, desired: list[dict[str, Any]]) -> dict[str, int]:

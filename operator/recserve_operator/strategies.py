@@ -15,11 +15,13 @@ from recserve_operator.metrics.base import (
     MetricsProvider,
     collect_ab_counts,
     collect_measurements,
+    collect_mirrored,
+    collect_shadow,
     redact_url,
 )
 from recserve_operator.names import ROLLOUT_ACTION_ANNOTATION, router_name
 from recserve_operator.observe import RevisionObservation
-from recserve_operator.rollout.analysis import AnalysisResult, Verdict, evaluate
+from recserve_operator.rollout.analysis import AnalysisResult, Verdict, evaluate, evaluate_shadow
 from recserve_operator.rollout.capacity import plan_capacity, share_replicas
 from recserve_operator.rollout.machine import Action, Decision, Observation, TrafficWeights, next_step
 from recserve_operator.rollout.policy import ManualAction, RolloutPolicy, RoutingProvider
@@ -64,6 +66,7 @@ class Progressive:
     metrics: ProviderFactory
     router_image: str | None = None
     router_placement: Mapping[str, Any] = field(default_factory=dict)
+    shadow_image: str | None = None  # the shadow comparator's image (RecServe's own)
 
     def measure(self, ctx: Context) -> Measured:
         policy, latest = ctx.spec.rollout, ctx.ids.revision
@@ -71,6 +74,8 @@ class Progressive:
         available = _candidate_carries(state, ctx.observations.get(latest), latest)
         if not _looking(policy, state, latest, available, ctx.now):
             return Measured()
+        if state.shadowing and policy.shadow is not None:
+            return _measure_shadow(ctx, state, self.metrics)
         return _measure(policy, state, self.metrics, latest, ctx.now)
 
     def decide(self, ctx: Context, measured: Measured) -> Plan:
@@ -108,7 +113,7 @@ class Progressive:
         policy, observations = ctx.spec.rollout, ctx.observations
         scaling = _scaling(ctx.spec, policy, new)
         router = get_router(policy.routing.provider.value, policy.routing, image=self.router_image,
-                            placement=self.router_placement)  # fmt: skip
+                            placement=self.router_placement, shadow_image=self.shadow_image)  # fmt: skip
         split = split_traffic(scaling, new, decision.weights, observations)
         plan = _plan(ctx.ids.name, split, policy)
         router_objects = router.render(plan, ctx.ids.name, ctx.ids.namespace, owner_reference(ctx.ids))
@@ -360,13 +365,14 @@ def _traffic(decision: Decision, split: Split, latest: str) -> TrafficDecision:
 
 
 def _plan(name: str, split: Split, policy: RolloutPolicy) -> TrafficPlan:
-    view = split.state.evolve(stable_revision=split.stable, revision=split.candidate)
-    return build_traffic_plan(name, view, split.weights, policy.routing)
+    # The shadow phase routes no user request to the candidate (split.candidate is None) but mirrors to it.
+    shadowed = split.state.revision if split.weights.mirror > 0 and split.candidate is None else None
+    view = split.state.evolve(stable_revision=split.stable, revision=split.candidate or shadowed)
+    top_k = policy.shadow.top_k if policy.shadow is not None else 10
+    return build_traffic_plan(name, view, split.weights, policy.routing, top_k=top_k)
 
 
-def _router_serves(
-    policy: RolloutPolicy, router_objects: list[dict[str, Any]], live: RouterObservation | None
-) -> bool:
+def _router_serves(policy: RolloutPolicy, router_objects: list[dict[str, Any]], live: RouterObservation | None) -> bool:
     """Whether the router serves the rendered plan now. Builtin: every router pod runs it (the drain gate's
     evidence, lifecycle.router_serves). Gateway API: the HTTPRoute this reconcile applies counts as served; how
     fast the gateway programs it is not observable here."""
@@ -379,7 +385,8 @@ def _router_serves(
 def _looking(policy: RolloutPolicy, state: RolloutState, latest: str, available: bool, now: datetime) -> bool:
     """A look at the metrics is due: the spec's revision is the running candidate, Available, analysed, and has
     traffic (at weight 0 the machine first enters the step; a look then could only be discarded)."""
-    candidate = state.revision if state.phase is Phase.PROGRESSING and state.weight > 0 else None
+    live = state.weight > 0 or (state.shadowing and state.step_started_at is not None)
+    candidate = state.revision if state.phase is Phase.PROGRESSING and live else None
     enabled = policy.analysis.enabled and bool(state.stable_revision)
     return candidate == latest and available and enabled and _analysis_due(state, policy, now)
 
@@ -395,6 +402,26 @@ def _measure(
         return Measured(evaluate(policy.analysis, measured), _ab_look(policy, state, provider, latest, now), True)
     except MetricsError as exc:
         analysis = AnalysisResult(Verdict.INCONCLUSIVE, f"inconclusive: metrics unavailable: {exc}")
+        return Measured(analysis, None, True, str(exc))
+
+
+def _measure_shadow(ctx: Context, state: RolloutState, metrics: ProviderFactory) -> Measured:  # fmt: skip
+    """One look at the shadow phase: everything the comparator counted since the phase began (the requests
+    accumulate towards minRequests; a look never forgets earlier ones)."""
+    policy, model, namespace, latest, now = ctx.spec.rollout, ctx.ids.name, ctx.ids.namespace, ctx.ids.revision, ctx.now
+    assert policy.shadow is not None
+    since = state.step_started_at or now
+    window = max(policy.analysis.interval_s, (now - since).total_seconds())
+    try:
+        provider = metrics(policy.analysis.prometheus)
+        if policy.routing.provider is RoutingProvider.GATEWAY_API:
+            measured = collect_mirrored(provider, candidate=latest, window_s=window)
+        else:
+            measured = collect_shadow(provider, model=model, stable=state.stable_revision or "", candidate=latest,
+                                      window_s=window, namespace=namespace)  # fmt: skip
+        return Measured(evaluate_shadow(policy.shadow, measured), None, True)
+    except MetricsError as exc:
+        analysis = AnalysisResult(Verdict.INCONCLUSIVE, f"inconclusive: metrics unavailable: {exc}", stage="shadow")
         return Measured(analysis, None, True, str(exc))
 
 

@@ -6,10 +6,10 @@ import re
 from typing import Any
 
 from recserve_operator.builders.common import Ids, instance_labels, metadata
-from recserve_operator.names import REVISION_LABEL, SERIES_REVISION_LABEL
+from recserve_operator.names import REVISION_LABEL, SERIES_REVISION_LABEL, router_name, router_selector
 from recserve_operator.spec import RecommenderModelSpec
 
-__all__ = ["build_servicemonitor", "pod_label_meta"]
+__all__ = ["build_servicemonitor", "build_shadow_servicemonitor", "pod_label_meta"]
 
 
 def pod_label_meta(label: str) -> str:
@@ -39,5 +39,20 @@ def build_servicemonitor(spec: RecommenderModelSpec, ids: Ids) -> dict[str, Any]
             "endpoints": [
                 {"port": "metrics", "interval": "15s", "path": "/metrics", "relabelings": [revision]},
             ],
+        },
+    }
+
+
+def build_shadow_servicemonitor(ids: Ids) -> dict[str, Any]:
+    """Scrapes the shadow comparator sidecars of the builtin router (the router Service's `shadow-metrics` port,
+    present only during a shadow phase). Their series carry model/stable/candidate labels of their own."""
+    meta = metadata(ids, router_name(ids.name), revision=False)
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": router_selector(ids.name)},
+            "endpoints": [{"port": "shadow-metrics", "interval": "15s", "path": "/metrics"}],
         },
     }

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from recserve_operator.rollout.analysis import Measurements
+from recserve_operator.rollout.analysis import Measurements, ShadowMeasurements
 from recserve_operator.rollout.policy import AbTestPolicy, AnalysisPolicy
 from recserve_operator.rollout.statistics import Counts
 
@@ -17,9 +17,12 @@ __all__ = [
     "UnknownProviderError",
     "collect_ab_counts",
     "collect_measurements",
+    "collect_mirrored",
+    "collect_shadow",
     "get_metrics_provider",
     "redact_url",
     "render_query",
+    "shadow_queries",
 ]
 
 
@@ -76,9 +79,7 @@ def _range(seconds: float) -> str:
     return f"{max(1, round(seconds))}s"
 
 
-def render_query(
-    template: str, *, variant: str, revision: str, window_s: float, elapsed_s: float | None = None
-) -> str:
+def render_query(template: str, *, variant: str, revision: str, window_s: float, elapsed_s: float | None = None) -> str:
     """Fill the placeholders of a user query: {{variant}}, {{revision}}, {{interval}} (the analysis interval)
     and {{elapsed}} (time since the A/B split went live, status.canary.splitStartedAt: counts over the whole
     experiment)."""
@@ -150,6 +151,68 @@ def _count(value: float | None, what: str) -> int:
     if not math.isfinite(value) or value < 0:
         raise MetricsError(f"{what} is {value}, not a count")
     return round(value)
+
+
+def shadow_queries(
+    model: str, stable: str, candidate: str, window_s: float, namespace: str | None = None
+) -> dict[str, str]:
+    """PromQL over the shadow comparator's series (recserve_operator.shadow.server) since the phase began."""
+    labels = {"model": model, "stable": stable, "candidate": candidate}
+    if namespace:
+        labels["namespace"] = namespace
+    sel = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+    w = _range(window_s)
+
+    def outcome(op: str, value: str) -> str:
+        return f'sum(increase(recserve_shadow_requests_total{{{sel},outcome{op}"{value}"}}[{w}]))'
+
+    def mean(metric: str) -> str:
+        return f"sum(increase({metric}_sum{{{sel}}}[{w}])) / sum(increase({metric}_count{{{sel}}}[{w}]))"
+
+    return {
+        "mirrored": outcome("!=", "dropped"),
+        "compared": outcome("=", "compared"),
+        "dropped": outcome("=", "dropped"),
+        "candidate_errors": outcome("=", "candidate_error"),
+        "p99_s": "histogram_quantile(0.99, sum by (le) "
+        f"(increase(recserve_shadow_candidate_latency_seconds_bucket{{{sel}}}[{w}])))",
+        "overlap": mean("recserve_shadow_topk_overlap"),
+        # The comparator exports (tau_b + 1) / 2 (a histogram with negative buckets has no _sum).
+        "correlation": f"2 * ({mean('recserve_shadow_rank_concordance')}) - 1",
+        "mean_diff": mean("recserve_shadow_score_abs_diff_mean"),
+        "max_diff": f"max(max_over_time(recserve_shadow_score_abs_diff_max_seen{{{sel}}}[{w}]))",
+    }
+
+
+def collect_shadow(
+    provider: MetricsProvider, *, model: str, stable: str, candidate: str, window_s: float,
+    namespace: str | None = None,
+) -> ShadowMeasurements:  # fmt: skip
+    """The comparator's numbers for one shadow phase (builtin router)."""
+    q = shadow_queries(model, stable, candidate, window_s, namespace)
+    mirrored = provider.query_scalar(q["mirrored"])
+    errors = provider.query_scalar(q["candidate_errors"])
+    p99_s = provider.query_scalar(q["p99_s"])
+    compared = provider.query_scalar(q["compared"])
+    return ShadowMeasurements(
+        mirrored=mirrored,
+        compared=compared,
+        dropped=provider.query_scalar(q["dropped"]),
+        error_rate=(errors or 0.0) / mirrored if mirrored else None,
+        p99_ms=None if p99_s is None or not math.isfinite(p99_s) else p99_s * 1000.0,
+        top_k_overlap=provider.query_scalar(q["overlap"]) if compared else None,
+        rank_correlation=provider.query_scalar(q["correlation"]) if compared else None,
+        mean_abs_score_diff=provider.query_scalar(q["mean_diff"]) if compared else None,
+        max_abs_score_diff=provider.query_scalar(q["max_diff"]) if compared else None,
+    )
+
+
+def collect_mirrored(provider: MetricsProvider, *, candidate: str, window_s: float) -> ShadowMeasurements:
+    """Gateway API mirroring: nothing compares answers; the candidate's own Triton series give its load, errors and
+    latency under the mirrored share of live traffic."""
+    series = provider.triton_series(candidate, window_s)
+    return ShadowMeasurements(mirrored=series.requests, compared=series.requests, error_rate=series.error_rate,
+                              p99_ms=series.p99_ms)  # fmt: skip
 
 
 def get_metrics_provider(kind: str, url: str, *, timeout_s: float = 5.0) -> MetricsProvider:

@@ -54,6 +54,7 @@ class TrafficWeights:
     stable: int
     canary: int
     canary_routable: bool  # False: the candidate gets no traffic at all, not even forced-variant requests
+    mirror: int = 0  # percent of live requests mirrored to the candidate (shadow phase); users get stable's answer
 
     @classmethod
     def stable_only(cls) -> TrafficWeights:
@@ -82,7 +83,12 @@ class Decision:
         return self.event is not None and self.event.reason == "Superseded"
 
 
-def _weights(state: RolloutState, available: bool) -> TrafficWeights:
+def _weights(state: RolloutState, available: bool, policy: RolloutPolicy | None = None) -> TrafficWeights:
+    if state.shadowing:
+        # Shadow: no user request reaches the candidate (not even a forced variant); a share is mirrored to it.
+        live = state.phase is Phase.PROGRESSING and available and state.revision is not None
+        percent = policy.shadow.percent if policy is not None and policy.shadow is not None else 0
+        return TrafficWeights(stable=100, canary=0, canary_routable=False, mirror=percent if live else 0)
     if state.phase is Phase.PROGRESSING and available and state.revision is not None:
         return TrafficWeights(stable=100 - state.weight, canary=state.weight, canary_routable=True)
     return TrafficWeights.stable_only()
@@ -176,7 +182,24 @@ def _start(
     if not obs.candidate_available:
         new = new.evolve(message=f"{msg}; waiting for the candidate to be Available")
         return Decision(new, TrafficWeights.stable_only(), Action.WAIT, new.message, event, READINESS_POLL_S)
-    return _enter_first_step(policy, new, now, event)
+    return _enter_rollout(policy, new, now, event)
+
+
+def _enter_rollout(policy: RolloutPolicy, state: RolloutState, now: datetime, event: Event | None) -> Decision:
+    """The first move of a rollout whose candidate is Available: the shadow phase when the spec has one."""
+    if policy.shadow is not None and policy.strategy is not Strategy.IMMEDIATE:
+        return _enter_shadow(policy, state, now, event)
+    return _enter_first_step(policy, state, now, event)
+
+
+def _enter_shadow(policy: RolloutPolicy, state: RolloutState, now: datetime, event: Event | None) -> Decision:
+    assert policy.shadow is not None
+    new = state.evolve(shadowing=True, weight=0, step=0, step_started_at=now, failed_checks=0)
+    reason = (f"candidate Available; shadow: {policy.shadow.percent}% of live requests mirrored to {state.revision},"
+              " users get the stable's answers")  # fmt: skip
+    new = new.evolve(message=reason)
+    event = event or Event("Normal", "ShadowStarted", reason)
+    return Decision(new, _weights(new, True, policy), Action.SET_WEIGHT, reason, event, _requeue(policy, new, now))
 
 
 def _enter_first_step(policy: RolloutPolicy, state: RolloutState, now: datetime, event: Event | None) -> Decision:
@@ -197,6 +220,8 @@ def _step_weight(policy: RolloutPolicy, step: int) -> int:
 
 
 def _stage(policy: RolloutPolicy, state: RolloutState) -> str:
+    if state.shadowing:
+        return "shadow"
     if policy.strategy is Strategy.AB_TEST:
         return "A/B test"
     return f"step {state.step + 1}/{len(policy.steps)}"
@@ -204,7 +229,11 @@ def _stage(policy: RolloutPolicy, state: RolloutState) -> str:
 
 def _requeue(policy: RolloutPolicy, state: RolloutState, now: datetime) -> float:
     interval = policy.analysis.interval_s if policy.analysis.enabled else READINESS_POLL_S
-    if policy.strategy is Strategy.CANARY and state.step < len(policy.steps):
+    if state.shadowing and policy.shadow is not None:
+        remaining = policy.shadow.duration_s - _seconds_since(state.step_started_at, now)
+        if remaining > 0:
+            interval = min(interval, remaining)
+    elif policy.strategy is Strategy.CANARY and state.step < len(policy.steps):
         remaining = policy.steps[state.step].pause_s - _seconds_since(state.step_started_at, now)
         if remaining > 0:
             interval = min(interval, remaining)
@@ -219,7 +248,7 @@ def _promote(state: RolloutState, why: str, now: datetime) -> Decision:
         ab = replace(ab, decided_at=now)
     new = state.evolve(
         phase=Phase.PROMOTED, stable_revision=rev, weight=0, step_started_at=None, paused=False, message=msg, ab=ab,
-        reason="",
+        reason="", shadowing=False,
     )  # fmt: skip
     return Decision(new, TrafficWeights.stable_only(), Action.PROMOTE, msg, Event("Normal", "Promoted", msg))
 
@@ -231,14 +260,18 @@ def _end(state: RolloutState, phase: Phase, why: str, now: datetime, reason: str
     if ab is not None and ab.decided_at is None:
         ab = replace(ab, decided_at=now)
     reason = reason or ("Aborted" if phase is Phase.ABORTED else "RolledBack")
-    new = state.evolve(phase=phase, weight=0, step_started_at=None, paused=False, message=msg, ab=ab, reason=reason)
+    new = state.evolve(phase=phase, weight=0, step_started_at=None, paused=False, message=msg, ab=ab, reason=reason,
+                       shadowing=False)  # fmt: skip
     return Decision(new, TrafficWeights.stable_only(), Action.ROLL_BACK, msg, Event("Warning", reason, msg))
 
 
 def _record_analysis(state: RolloutState, obs: Observation, now: datetime, decision: str) -> RolloutState:
     if obs.analysis is None:
         return state
-    return state.with_analysis(obs.analysis.to_status(now, decision))
+    record = obs.analysis.to_status(now, decision)
+    new = state.with_analysis(record)
+    # A shadow look is also kept as status.canary.shadow: its measured values outlive the phase.
+    return new.evolve(shadow=record) if state.shadowing else new
 
 
 def _note_evidence(state: RolloutState, obs: Observation, now: datetime) -> RolloutState:
@@ -298,6 +331,8 @@ def _progress(
     if action is ManualAction.PROMOTE:
         d = _promote(state, "manual promote", now)
         return Decision(d.state, d.weights, d.action, d.reason, d.event, None, ManualAction.PROMOTE)
+    if state.shadowing:
+        return _shadow_phase(policy, state, obs, now, action)
     if state.weight == 0 or state.step_started_at is None:
         # Became Available (first time, or again after an outage): (re-)enter the current step.
         return _reenter_step(policy, state, now)
@@ -387,7 +422,7 @@ def _deadline(policy: RolloutPolicy, state: RolloutState, obs: Observation, now:
     first = state.reason != PROGRESS_DEADLINE_EXCEEDED
     event = Event("Warning", PROGRESS_DEADLINE_EXCEEDED, msg) if first else None
     new = _record_analysis(state.evolve(message=msg, reason=PROGRESS_DEADLINE_EXCEEDED), obs, now, "hold")
-    return Decision(new, _weights(new, True), Action.WAIT, msg, event, _requeue(policy, new, now))
+    return Decision(new, _weights(new, True, policy), Action.WAIT, msg, event, _requeue(policy, new, now))
 
 
 def _canary_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime, passed: bool) -> Decision:
@@ -449,3 +484,64 @@ def _ab_step(policy: RolloutPolicy, state: RolloutState, obs: Observation, now: 
     msg = f"A/B test at {state.weight}% to {state.revision}: {why}"
     new = _record_analysis(_record_ab(state, verdict, None, now).evolve(message=msg), obs, now, "wait")
     return Decision(new, _weights(new, True), Action.WAIT, msg, None, _requeue(policy, new, now))
+
+
+def _shadow_phase(
+    policy: RolloutPolicy, state: RolloutState, obs: Observation, now: datetime, action: ManualAction
+) -> Decision:
+    """The shadow phase: mirrored requests only, judged by the shadow analysis; pass -> the first step (or the A/B
+    test), fail -> rolled back. Manual controls act as in the steps: pause holds (a failing look still rolls back),
+    resume restarts the phase's clock, promote promotes and abort aborts (both handled before)."""
+    shadow = policy.shadow
+    if shadow is None:
+        # The spec dropped its shadow phase mid-way: go on to the first step.
+        msg = f"shadow phase removed from the spec; {state.revision} goes on to its first step"
+        return _enter_first_step(policy, state.evolve(shadowing=False), now, Event("Normal", "ShadowSkipped", msg))
+    if state.step_started_at is None:
+        # Available again after an outage: the shadow phase starts over.
+        return _enter_shadow(policy, state, now, None)
+    if action is ManualAction.PAUSE and not state.paused:
+        msg = "shadow paused by request"
+        new = state.evolve(paused=True, message=msg)
+        return Decision(new, _weights(new, True, policy), Action.PAUSE, msg, Event("Normal", "Paused", msg), None,
+                        action)  # fmt: skip
+    if action is ManualAction.RESUME and state.paused:
+        msg = "shadow resumed; its duration restarts"
+        new = state.evolve(paused=False, step_started_at=now, message=msg, reason="")
+        return Decision(new, _weights(new, True, policy), Action.RESUME, msg, Event("Normal", "Resumed", msg),
+                        _requeue(policy, new, now), action)  # fmt: skip
+    state = _note_evidence(state, obs, now)
+    analysis = obs.analysis
+    if analysis is not None and analysis.verdict is Verdict.FAIL:
+        failed, limit = state.failed_checks + 1, policy.analysis.failure_limit
+        if failed >= limit:
+            new = _record_analysis(state.evolve(failed_checks=failed), obs, now, "rollback")
+            return _end(new, Phase.ROLLED_BACK, f"{analysis.reason} ({failed}/{limit} consecutive)", now)
+        msg = f"shadow analysis failed ({failed}/{limit} consecutive): {analysis.reason}"
+        new = _record_analysis(state.evolve(failed_checks=failed, message=msg), obs, now, "wait")
+        return Decision(new, _weights(new, True, policy), Action.WAIT, msg, Event("Warning", "AnalysisFailed", msg),
+                        _requeue(policy, new, now))  # fmt: skip
+    handled = action if action in (ManualAction.PAUSE, ManualAction.RESUME) else None
+    if state.paused:
+        msg = "shadow paused"
+        new = _record_analysis(state.evolve(message=msg), obs, now, "paused")
+        return Decision(new, _weights(new, True, policy), Action.WAIT, msg, None, policy.analysis.interval_s, handled)
+    passed = analysis is not None and analysis.verdict is Verdict.PASS
+    state = state.evolve(failed_checks=0) if passed else state
+    stalled = _deadline(policy, state, obs, now)
+    if stalled is not None:
+        return stalled
+    state = state.evolve(reason="")
+    elapsed = _seconds_since(state.step_started_at, now)
+    if elapsed < shadow.duration_s or not passed:
+        last = (state.last_analysis or {}).get("reason") or "inconclusive: no shadow analysis yet"
+        why = analysis.reason if analysis is not None else last
+        wait = f"{shadow.duration_s - elapsed:.0f}s left" if elapsed < shadow.duration_s else "waiting for a pass"
+        msg = f"shadow at {shadow.percent}% mirrored: {wait} ({why})"
+        new = _record_analysis(state.evolve(message=msg), obs, now, "wait")
+        return Decision(new, _weights(new, True, policy), Action.WAIT, msg, None, _requeue(policy, new, now), handled)
+    new = _record_analysis(state, obs, now, "advance").evolve(shadowing=False)
+    msg = f"shadow passed: {analysis.reason if analysis is not None else ''}"
+    d = _enter_first_step(policy, new, now, None)
+    event = Event("Normal", "ShadowPassed", f"{msg}; {d.reason}")
+    return replace(d, event=event, handled_action=handled)

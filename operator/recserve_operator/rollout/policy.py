@@ -24,6 +24,7 @@ __all__ = [
     "RolloutPolicy",
     "RoutingPolicy",
     "RoutingProvider",
+    "ShadowPolicy",
     "Strategy",
     "parse_duration",
 ]
@@ -162,6 +163,27 @@ class AnalysisPolicy:
 
 
 @dataclass(frozen=True)
+class ShadowPolicy:
+    """`spec.rollout.shadow`: before the first canary step (or the A/B test) `percent` of live requests is mirrored
+    to the candidate and its answers are compared with the stable's; users always get the stable's answer.
+
+    The phase passes when at least `min_requests` mirrored requests were compared, `duration_s` has passed and
+    every threshold holds over all of them; a threshold that fails (with `min_requests` compared) rolls back.
+    """
+
+    percent: int = 10
+    top_k: int = 10
+    min_requests: int = 200
+    duration_s: float = 0.0
+    min_top_k_overlap: float | None = 0.9  # mean top-k overlap over the compared requests
+    min_rank_correlation: float | None = None  # mean Kendall tau-b of the top-k lists
+    max_mean_abs_score_diff: float | None = None  # mean over requests of the mean |score difference|
+    max_abs_score_diff: float | None = None  # the largest |score difference| of any compared request
+    max_p99_latency_ms: float | None = None  # the candidate's p99 on mirrored requests
+    max_error_rate: float | None = 0.01  # the candidate's failed share of mirrored requests
+
+
+@dataclass(frozen=True)
 class RolloutPolicy:
     strategy: Strategy = Strategy.IMMEDIATE  # the CRD's default
     steps: tuple[CanaryStep, ...] = ()
@@ -173,6 +195,7 @@ class RolloutPolicy:
     on_progress_deadline: DeadlineAction = DeadlineAction.ROLLBACK
     # Pods (GPUs) a rollout may run beyond the stable's scale: the canary's replicas follow its weight within it.
     surge: int = DEFAULT_SURGE
+    shadow: ShadowPolicy | None = None  # a shadow phase before the first step (spec.rollout.shadow)
 
     @classmethod
     def from_spec(cls, d: Mapping[str, Any] | None, default_prometheus: str = "") -> RolloutPolicy:
@@ -203,9 +226,13 @@ class RolloutPolicy:
                 raise InvalidSpec("spec.rollout.analysis.prometheus: required for abTest")
         deadline, on_deadline = _parse_deadline(d, analysis, strategy)
         surge = _integer(d.get("surge", DEFAULT_SURGE), "spec.rollout.surge", 1)
+        shadow_raw = d.get("shadow")
+        shadow = None
+        if shadow_raw is not None:
+            shadow = _parse_shadow(_mapping(shadow_raw, "spec.rollout.shadow"), strategy, analysis, routing)
         return cls(
             strategy=strategy, steps=steps, routing=routing, analysis=analysis, action=action,
-            progress_deadline_s=deadline, on_progress_deadline=on_deadline, surge=surge,
+            progress_deadline_s=deadline, on_progress_deadline=on_deadline, surge=surge, shadow=shadow,
         )  # fmt: skip
 
 
@@ -392,3 +419,53 @@ def _parse_deadline(d: Mapping[str, Any], analysis: AnalysisPolicy, strategy: St
         )
     action = d.get("onProgressDeadline", DeadlineAction.ROLLBACK.value)
     return deadline, _enum(DeadlineAction, action, "spec.rollout.onProgressDeadline")
+
+
+def _parse_shadow(
+    d: Mapping[str, Any], strategy: Strategy, analysis: AnalysisPolicy, routing: RoutingPolicy
+) -> ShadowPolicy:
+    f = "spec.rollout.shadow"
+    if strategy is Strategy.IMMEDIATE:
+        raise InvalidSpec(f"{f}: a shadow phase comes before a canary's first step or an A/B test;"
+                          " strategy immediate has neither")  # fmt: skip
+    if not analysis.enabled:
+        raise InvalidSpec(f"{f}: the shadow analysis reads Prometheus: set spec.rollout.analysis"
+                          " (and its prometheus URL, or the operator's default)")  # fmt: skip
+
+    gateway = routing.provider is RoutingProvider.GATEWAY_API
+
+    def bound(key: str, default: float | None, lo: float, hi: float | None = None) -> float | None:
+        value = d.get(key, default)
+        return None if value is None else _number(value, f"{f}.{key}", lo, hi)
+
+    policy = ShadowPolicy(
+        percent=_integer(d.get("percent", 10), f"{f}.percent", 1, 100),
+        top_k=_integer(d.get("topK", 10), f"{f}.topK", 1, 100),
+        min_requests=_integer(d.get("minRequests", 200), f"{f}.minRequests", 1),
+        duration_s=parse_duration(d.get("duration", "0s"), f"{f}.duration"),
+        # Gateway API mirroring compares nothing (below): no default comparison threshold there.
+        min_top_k_overlap=bound("minTopKOverlap", None if gateway else 0.9, 0.0, 1.0),
+        min_rank_correlation=bound("minRankCorrelation", None, -1.0, 1.0),
+        max_mean_abs_score_diff=bound("maxMeanAbsScoreDiff", None, 0.0),
+        max_abs_score_diff=bound("maxAbsScoreDiff", None, 0.0),
+        max_p99_latency_ms=bound("maxP99LatencyMs", None, 0.0),
+        max_error_rate=bound("maxErrorRate", 0.01, 0.0, 1.0),
+    )
+    if gateway:
+        compared = [k for k in ("minTopKOverlap", "minRankCorrelation", "maxMeanAbsScoreDiff", "maxAbsScoreDiff")
+                    if getattr(policy, _SHADOW_FIELDS[k]) is not None]  # fmt: skip
+        if compared:
+            raise InvalidSpec(
+                f"{f}: with routing provider gatewayAPI the gateway mirrors requests to the candidate and discards"
+                f" its answers, so nothing compares them: set {', '.join(compared)} to null (the candidate's latency"
+                " and errors under live load are still analysed) or use the builtin router"
+            )
+    return policy
+
+
+_SHADOW_FIELDS = {
+    "minTopKOverlap": "min_top_k_overlap",
+    "minRankCorrelation": "min_rank_correlation",
+    "maxMeanAbsScoreDiff": "max_mean_abs_score_diff",
+    "maxAbsScoreDiff": "max_abs_score_diff",
+}

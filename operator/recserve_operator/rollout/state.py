@@ -183,6 +183,10 @@ class RolloutState:
     # The stable a promotion replaces, until the promoted revision carries all traffic at N Ready replicas: it
     # keeps its share of the split (strategies._finishing_promotion).
     retiring_revision: str | None = None
+    # The shadow phase (spec.rollout.shadow): the candidate gets mirrored requests only, before its first step.
+    shadowing: bool = False
+    # The shadow analysis' last look (measured values, verdict), kept after the phase ends.
+    shadow: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # unknown status.canary keys, preserved verbatim
 
     @property
@@ -226,6 +230,8 @@ class RolloutState:
                 "servedWeight": self.served_weight,
                 "baseReplicas": self.base_replicas,
                 "retiringRevision": self.retiring_revision,
+                "shadowing": self.shadowing,
+                "shadow": dict(self.shadow) if self.shadow is not None else None,
             }
         )
         status: dict[str, Any] = {"canary": canary}
@@ -240,7 +246,7 @@ class RolloutState:
         known = {
             "phase", "stableRevision", "revision", "weight", "step", "stepStartedAt", "startedAt",
             "paused", "failedChecks", "lastAnalysis", "message", "splitStartedAt", "control", "lastConclusiveAt",
-            "reason", "servedWeight", "baseReplicas", "retiringRevision", "analyses",
+            "reason", "servedWeight", "baseReplicas", "retiringRevision", "analyses", "shadowing", "shadow",
         }  # fmt: skip
         try:
             phase = Phase(c.get("phase") or Phase.IDLE.value)
@@ -268,5 +274,7 @@ class RolloutState:
             served_weight=int(c.get("servedWeight") or 0),
             base_replicas=int(c.get("baseReplicas") or 0),
             retiring_revision=c.get("retiringRevision") or None,
+            shadowing=bool(c.get("shadowing", False)),
+            shadow=c.get("shadow") if isinstance(c.get("shadow"), Mapping) else None,
             extra={k: v for k, v in c.items() if k not in known},
         )

@@ -47,6 +47,14 @@ class BuiltinRouter:
     replicas: int = 2
     placement: Mapping[str, Any] = field(default_factory=dict)  # nodeSelector / tolerations of the pods
     provider: RoutingProvider = RoutingProvider.BUILTIN
+    shadow_image: str | None = None  # RecServe's image, for the shadow comparator sidecar
+
+    def _sidecar(self, plan: TrafficPlan, model: str, namespace: str) -> dict[str, Any] | None:
+        if plan.shadow is None:
+            return None
+        if not self.shadow_image:
+            raise UnknownRouterError("a shadow phase needs the comparator image (the operator's fetcher image)")
+        return builtin.build_shadow_container(model, namespace, plan, self.shadow_image)
 
     def render(
         self, plan: TrafficPlan, model: str, namespace: str, owner_ref: Mapping[str, Any] | None = None
@@ -56,16 +64,22 @@ class BuiltinRouter:
         return [
             cm,
             builtin.build_router_deployment(
-                model, namespace, conf_hash, image=self.image, replicas=self.replicas, owner_ref=owner_ref,
+                model,
+                namespace,
+                conf_hash,
+                image=self.image,
+                replicas=self.replicas,
+                owner_ref=owner_ref,
                 placement=self.placement,
+                sidecar=self._sidecar(plan, model, namespace),
             ),
-            builtin.build_router_service(model, namespace, owner_ref),
+            builtin.build_router_service(model, namespace, owner_ref, shadow=plan.shadow is not None),
         ]
 
 
 def get_router(
     provider: str, routing: RoutingPolicy | None = None, *, image: str | None = None,
-    placement: Mapping[str, Any] | None = None,
+    placement: Mapping[str, Any] | None = None, shadow_image: str | None = None,
 ) -> Router:  # fmt: skip
     """Router for a provider name ("builtin" | "gatewayAPI"); raises UnknownRouterError otherwise."""
     try:
@@ -77,4 +91,5 @@ def get_router(
         if routing is None or routing.parent_ref is None:
             raise UnknownRouterError("gatewayAPI routing needs rollout.routing.parentRef")
         return GatewayApiRouter(routing.parent_ref)
-    return BuiltinRouter(image=image or builtin.DEFAULT_IMAGE, placement=dict(placement or {}))
+    return BuiltinRouter(image=image or builtin.DEFAULT_IMAGE, placement=dict(placement or {}),
+                         shadow_image=shadow_image)  # fmt: skip

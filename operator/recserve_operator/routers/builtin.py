@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recserve_operator.names import ROUTER_CONFIG_HASH_ANNOTATION, router_labels, router_name, router_selector
-from recserve_operator.routers.plan import CANARY, STABLE, TrafficPlan
+from recserve_operator.routers.plan import CANARY, STABLE, Shadow, TrafficPlan
 from recserve_operator.settings import DEFAULT_ROUTER_IMAGE
 
 __all__ = [
@@ -56,6 +56,14 @@ _SAFE_ARG = re.compile(r'^[^\s;{}"\'\\#]+\Z')  # \Z: $ would pass a value that e
 _UPSTREAM_PREFIX = "recserve_"
 _GRPC_UPSTREAM_PREFIX = "recserve_grpc_"
 _VARIANT_VAR = "$recserve_variant"
+# Shadow phase: nginx mirrors a sampled share of KServe v2 infer requests to the comparator sidecar
+# (recserve_operator.shadow) on the pod's loopback; the comparator answers at once and compares later.
+SHADOW_INTAKE_PORT = 9098
+SHADOW_METRICS_PORT = 9099
+SHADOW_LOCATION = "/_recserve_shadow"
+SHADOW_CONTAINER = "shadow-comparator"
+_INFER_LOCATION = "^/v2/models/[^/]+(/versions/[^/]+)?/infer$"
+_SHADOW_VAR = "$recserve_shadow_sampled"
 
 
 # ---------------------------------------------------------------- hashing (mirrors nginx exactly)
@@ -175,6 +183,7 @@ class NginxSettings:
     # gRPC (HTTP/2) server routing Triton's gRPC API by the same weights; None: HTTP only (local data planes).
     grpc_listen_port: int | None = GRPC_ROUTER_PORT
     grpc_upstreams: Mapping[str, str] = field(default_factory=dict)  # variant -> "host:port" override
+    shadow_intake: str = f"127.0.0.1:{SHADOW_INTAKE_PORT}"  # the comparator (a sidecar on the pod's loopback)
     namespace: str | None = None  # for fully-qualified Service DNS names
     user: str | None = None  # only meaningful when nginx starts as root (local runs)
 
@@ -216,6 +225,61 @@ def _grpc_server(s: NginxSettings) -> tuple[Block, ...]:
                 d("client_max_body_size", "64m"),
                 d("add_header", "X-RecServe-Variant", _VARIANT_VAR, "always"),
             ),
+        ),
+    )
+
+
+def _proxy_directives() -> tuple[Directive, ...]:
+    return (
+        d("proxy_pass", f"http://{_UPSTREAM_PREFIX}{_VARIANT_VAR}"),
+        d("proxy_http_version", "1.1"),
+        d("proxy_set_header", "Connection", '""'),
+        d("proxy_set_header", "Host", "$host"),
+        d("proxy_read_timeout", "60s"),
+        d("client_max_body_size", "64m"),
+        d("add_header", "X-RecServe-Variant", _VARIANT_VAR, "always"),
+    )
+
+
+def _shadow_http(shadow: Shadow | None, s: NginxSettings) -> tuple[Directive | Block, ...]:
+    """The sampling of mirrored requests and the comparator's upstream (http context)."""
+    if shadow is None:
+        return ()
+    sampled = (d("*", "1"),) if shadow.percent >= 100 else (d(f"{shadow.percent}%", "1"), d("*", "0"))
+    return (
+        # Per request, independent of the user: every user's traffic is sampled alike.
+        b("split_clients", ['"${request_id}shadow"', _SHADOW_VAR], *sampled),
+        b("upstream", ["recserve_shadow"], d("server", _arg(s.shadow_intake)), d("keepalive", "16")),
+    )
+
+
+def _shadow_locations(shadow: Shadow | None) -> tuple[Block, ...]:
+    """Infer requests are mirrored to an internal location; the main request never waits for it (the comparator
+    answers 204 at once, and a comparator that is down or slow fails the mirror within 100 ms, never the request).
+    Only KServe v2 JSON infer requests are mirrored: the comparator needs both answers as JSON."""
+    if shadow is None:
+        return ()
+    return (
+        b(
+            "location",
+            ["~", _INFER_LOCATION],
+            d("mirror", SHADOW_LOCATION),
+            # Keep typical ranking bodies in memory: the mirror re-sends the same buffer.
+            d("client_body_buffer_size", "1m"),
+            *_proxy_directives(),
+        ),
+        b(
+            "location",
+            ["=", SHADOW_LOCATION],
+            d("internal"),
+            d("access_log", "off"),
+            b("if", [f"({_SHADOW_VAR}", "=", "0)"], d("return", "204")),
+            d("proxy_pass", "http://recserve_shadow$request_uri"),
+            d("proxy_http_version", "1.1"),
+            d("proxy_set_header", "Connection", '""'),
+            d("proxy_connect_timeout", "100ms"),
+            d("proxy_send_timeout", "1s"),
+            d("proxy_read_timeout", "1s"),
         ),
     )
 
@@ -275,22 +339,14 @@ def render_nginx_conf(plan: TrafficPlan, settings: NginxSettings | None = None) 
             # A forced-variant header wins over the weighted choice, but only for variants in the plan.
             b("map", [forced, _VARIANT_VAR], *forced_entries, d("default", "$recserve_weighted")),
             *upstreams,
+            *_shadow_http(plan.shadow, s),
             b(
                 "server",
                 [],
                 d("listen", str(s.listen_port)),
                 b("location", ["=", "/healthz"], d("access_log", "off"), d("return", "200", '"ok\\n"')),
-                b(
-                    "location",
-                    ["/"],
-                    d("proxy_pass", f"http://{_UPSTREAM_PREFIX}{_VARIANT_VAR}"),
-                    d("proxy_http_version", "1.1"),
-                    d("proxy_set_header", "Connection", '""'),
-                    d("proxy_set_header", "Host", "$host"),
-                    d("proxy_read_timeout", "60s"),
-                    d("client_max_body_size", "64m"),
-                    d("add_header", "X-RecServe-Variant", _VARIANT_VAR, "always"),
-                ),
+                b("location", ["/"], *_proxy_directives()),
+                *_shadow_locations(plan.shadow),
             ),
             *_grpc_server(s),
         ),
@@ -307,6 +363,7 @@ def render_local_nginx_conf(
     *,
     grpc_upstreams: Mapping[str, str] | None = None,
     grpc_listen_port: int | None = None,
+    shadow_intake: str | None = None,
 ) -> str:
     """The same config for a local nginx (e.g. Debian's): upstream host:port per variant, files under runtime_dir.
 
@@ -322,6 +379,7 @@ def render_local_nginx_conf(
         grpc_listen_port=grpc_listen_port,
         grpc_upstreams=dict(grpc_upstreams or {}),
         user=user,
+        **({"shadow_intake": shadow_intake} if shadow_intake else {}),
     )
     return render_nginx_conf(plan, settings)
 
@@ -349,6 +407,44 @@ def build_router_configmap(
             "data": {CONF_KEY: conf, PLAN_KEY: plan_json}}  # fmt: skip
 
 
+def build_shadow_container(model: str, namespace: str, plan: TrafficPlan, image: str) -> dict[str, Any] | None:
+    """The comparator sidecar for a plan with a shadow target (None without one): RecServe's own image."""
+    shadow, stable = plan.shadow, plan.backend(STABLE)
+    if shadow is None or stable is None:
+        return None
+
+    def url(service: str) -> str:
+        return f"http://{_arg(service)}.{_arg(namespace)}.svc:{BACKEND_PORT}"
+
+    return {
+        "name": SHADOW_CONTAINER,
+        "image": image,
+        "command": ["python", "-m", "recserve_operator.shadow"],
+        "args": [
+            f"--model={model}",
+            f"--stable-revision={stable.revision}",
+            f"--candidate-revision={shadow.revision}",
+            f"--stable-url={url(stable.service)}",
+            f"--candidate-url={url(shadow.service)}",
+            f"--top-k={shadow.top_k}",
+            f"--intake-port={SHADOW_INTAKE_PORT}",
+            f"--metrics-port={SHADOW_METRICS_PORT}",
+        ],
+        "ports": [{"name": "shadow-metrics", "containerPort": SHADOW_METRICS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "shadow-metrics"}, "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "100m", "memory": "96Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
 def build_router_deployment(
     model: str,
     namespace: str,
@@ -358,6 +454,7 @@ def build_router_deployment(
     placement: Mapping[str, Any] | None = None,
     replicas: int = 2,
     owner_ref: Mapping[str, Any] | None = None,
+    sidecar: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """nginx Deployment; `conf_hash` in the pod template rolls the pods when the routing changes.
 
@@ -414,7 +511,7 @@ def build_router_deployment(
                         "fsGroup": 101,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
-                    "containers": [container],
+                    "containers": [container, *([dict(sidecar)] if sidecar else [])],
                     "volumes": [
                         {"name": "config", "configMap": {"name": router_name(model)}},
                         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
@@ -426,7 +523,12 @@ def build_router_deployment(
     }
 
 
-def build_router_service(model: str, namespace: str, owner_ref: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_router_service(
+    model: str, namespace: str, owner_ref: Mapping[str, Any] | None = None, *, shadow: bool = False
+) -> dict[str, Any]:
+    """The router's Service; with a shadow target it also names the comparator's metrics port (for Prometheus)."""
+    metrics = [{"name": "shadow-metrics", "port": SHADOW_METRICS_PORT, "targetPort": "shadow-metrics",
+                "protocol": "TCP"}] if shadow else []  # fmt: skip
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -443,6 +545,7 @@ def build_router_service(model: str, namespace: str, owner_ref: Mapping[str, Any
                     "protocol": "TCP",
                     "appProtocol": "grpc",
                 },
+                *metrics,
             ],
         },
     }

@@ -52,7 +52,16 @@ def build_httproute(
         for be in plan.backends
         if be.weight > 0
     ]
-    rules.append({"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": weighted})
+    last: dict[str, Any] = {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": weighted}
+    if plan.shadow is not None:
+        # Shadow phase: the gateway mirrors `percent` of the requests to the candidate and discards its answers
+        # (Gateway API v1.2+ RequestMirror `percent`; an implementation must support the extended features
+        # HTTPRouteRequestMirror and HTTPRouteRequestPercentageMirror). Nothing sees both answers, so only the
+        # candidate's latency and errors under live load are analysed (docs/rollouts.md).
+        mirror = {"backendRef": {"kind": "Service", "name": plan.shadow.service, "port": BACKEND_PORT},
+                  "percent": plan.shadow.percent}  # fmt: skip
+        last["filters"] = [{"type": "RequestMirror", "requestMirror": mirror}]
+    rules.append(last)
     metadata: dict[str, Any] = {
         "name": router_name(model),
         "namespace": namespace,

@@ -10,7 +10,7 @@ from recserve_operator.rollout.machine import TrafficWeights
 from recserve_operator.rollout.policy import RoutingPolicy
 from recserve_operator.rollout.state import RolloutState
 
-__all__ = ["CANARY", "STABLE", "Backend", "TrafficPlan", "build_traffic_plan", "revision_service_name"]
+__all__ = ["CANARY", "STABLE", "Backend", "Shadow", "TrafficPlan", "build_traffic_plan", "revision_service_name"]
 
 STABLE = "stable"
 CANARY = "canary"
@@ -30,10 +30,25 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """A candidate that receives `percent` of live requests as mirrored copies (its answers reach no user)."""
+
+    revision: str
+    service: str
+    percent: int  # 1-100
+    top_k: int = 10  # the depth the comparator compares
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.percent <= 100:
+            raise ValueError(f"shadow percent must be within 1-100, got {self.percent}")
+
+
+@dataclass(frozen=True)
 class TrafficPlan:
     backends: tuple[Backend, ...]
     sticky_header: str
     variant_header: str
+    shadow: Shadow | None = None
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -42,6 +57,8 @@ class TrafficPlan:
             raise ValueError(f"backend weights must add up to 100: {self.backends}")
         if len({b.variant for b in self.backends}) != len(self.backends):
             raise ValueError("variants must be unique")
+        if self.shadow is not None and any(b.revision == self.shadow.revision for b in self.backends):
+            raise ValueError(f"revision {self.shadow.revision} cannot be both routed and shadowed")
 
     def backend(self, variant: str) -> Backend | None:
         return next((b for b in self.backends if b.variant == variant), None)
@@ -58,6 +75,8 @@ class TrafficPlan:
                          for b in self.backends],
             "stickyHeader": self.sticky_header,
             "variantHeader": self.variant_header,
+            **({"shadow": {"revision": self.shadow.revision, "service": self.shadow.service,
+                           "percent": self.shadow.percent, "topK": self.shadow.top_k}} if self.shadow else {}),
         }  # fmt: skip
 
     @classmethod
@@ -66,7 +85,11 @@ class TrafficPlan:
             Backend(str(b["variant"]), str(b["revision"]), str(b["service"]), int(b["weight"]))
             for b in data["backends"]
         )
-        return cls(backends, str(data["stickyHeader"]), str(data["variantHeader"]))
+        raw = data.get("shadow")
+        shadow = None
+        if isinstance(raw, Mapping):
+            shadow = Shadow(str(raw["revision"]), str(raw["service"]), int(raw["percent"]), int(raw.get("topK", 10)))
+        return cls(backends, str(data["stickyHeader"]), str(data["variantHeader"]), shadow)
 
 
 def build_traffic_plan(
@@ -75,6 +98,8 @@ def build_traffic_plan(
     weights: TrafficWeights,
     routing: RoutingPolicy,
     service_name: Callable[[str, str], str] = revision_service_name,
+    *,
+    top_k: int = 10,
 ) -> TrafficPlan:
     """Plan from the rollout state and the Decision's weights.
 
@@ -92,4 +117,8 @@ def build_traffic_plan(
         )
     else:
         backends = (Backend(STABLE, stable, service_name(model, stable), 100),)
-    return TrafficPlan(backends, routing.sticky_header, routing.variant_header)
+    shadow = None
+    if weights.mirror > 0 and not weights.canary_routable and state.revision not in (None, stable):
+        assert state.revision is not None
+        shadow = Shadow(state.revision, service_name(model, state.revision), weights.mirror, top_k)
+    return TrafficPlan(backends, routing.sticky_header, routing.variant_header, shadow)

@@ -68,10 +68,12 @@ class ShadowMetrics:
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
             return Histogram(name, doc, ln, buckets=buckets, registry=r).labels(**labels)
 
-        self.mirrored = Counter("recserve_shadow_mirrored", "Mirrored requests received", ln, registry=r).labels(
+        self.mirrored = Counter("recserve_shadow_mirrored_total", "Mirrored requests received", ln, registry=r).labels(
             **labels
         )
-        outcome = Counter("recserve_shadow_requests", "Mirrored requests by outcome", (*ln, "outcome"), registry=r)
+        outcome = Counter(
+            "recserve_shadow_requests_total", "Mirrored requests by outcome", (*ln, "outcome"), registry=r
+        )
         self.outcomes = {
             o: outcome.labels(**labels, outcome=o)
             for o in ("compared", "dropped", "candidate_error", "stable_error", "unsupported")

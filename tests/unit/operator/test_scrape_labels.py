@@ -126,8 +126,23 @@ def allowed_labels(metric: str) -> frozenset[str]:
     if metric in {"recserve_clicks_total", "recserve_impressions_total"}:
         # The application's counters, scraped from its own pods (examples/ctr-dnn/ab_metrics.py).
         return frozenset(AB_METRICS.LABELS) | OPERATOR_TARGET_LABELS
+    shadow = _shadow_metric_labels()
+    if metric in shadow:
+        # The shadow comparator's series, scraped from the router pods (builders.servicemonitor, shadow ServiceMonitor).
+        return shadow[metric] | OPERATOR_TARGET_LABELS
     operator = _operator_metric_labels()
     return operator[metric] | OPERATOR_TARGET_LABELS if metric in operator else frozenset()
+
+
+def _shadow_metric_labels() -> dict[str, frozenset[str]]:
+    from recserve_operator.shadow.compare import Ranking
+    from recserve_operator.shadow.server import ShadowMetrics
+
+    metrics = ShadowMetrics({"model": "m", "stable": "s", "candidate": "c"})
+    answer = Ranking((1,), (0.5,))
+    metrics.record(answer, answer, 1)
+    return {sample.name: frozenset(sample.labels) for family in metrics.registry.collect()
+            for sample in family.samples}  # fmt: skip
 
 
 # ---------------------------------------------------------------- a small PromQL label reader

@@ -269,3 +269,27 @@ def test_behind_nginx_a_dead_comparator_fails_no_user_request(tmp_path: Path) ->
     with servers(Backend("same"), Backend("same"), None) as s, nginx(tmp_path, s, 100, nobody) as url:
         assert users(url, 50) == [(200, "same", TOP)] * 50
         assert s.candidate.calls == 0
+
+
+def test_the_intake_answers_pipelined_requests_and_refuses_what_it_cannot_frame() -> None:
+    import socket
+
+    with servers(Backend("same"), Backend("same"), config()) as s:
+        assert s.config is not None
+        body = b'{"inputs": []}'
+        one = (f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+        with socket.create_connection(("127.0.0.1", s.config.intake_port), timeout=5) as sock:
+            sock.sendall(one * 3)  # three requests in one segment, the last one's body split below
+            sock.sendall(one[:-4])
+            sock.sendall(one[-4:])
+            got = b""
+            while got.count(b"204 No Content") < 4:
+                got += sock.recv(4096)
+        settle(s, lambda: outcome(s, "compared") == 4, "4 comparisons")
+        with socket.create_connection(("127.0.0.1", s.config.intake_port), timeout=5) as sock:
+            sock.sendall(f"POST {PATH} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 400")

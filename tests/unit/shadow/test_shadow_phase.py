@@ -254,3 +254,52 @@ def test_ab_verdicts_are_ignored_during_shadow() -> None:
 
     d = next_step(AB, shadowing(), obs(look(GOOD), ab=verdict(AbDecision.CANDIDATE_WINS)), at(60))
     assert d.action is Action.WAIT and d.state.shadowing
+
+
+# ---------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+LOOKS = st.sampled_from([None, "good", "shuffled", "few", "outage"])
+ACTIONS = st.sampled_from(list(ManualAction))
+
+
+def _look(kind: str | None) -> AnalysisResult | None:
+    few = ShadowMeasurements(mirrored=5, compared=5, top_k_overlap=1.0, error_rate=0.0, p99_ms=1.0)
+    return {None: None, "good": look(GOOD), "shuffled": look(SHUFFLED), "few": look(few), "outage": UNAVAILABLE}[kind]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(LOOKS, ACTIONS, st.booleans(), st.integers(1, 120)), min_size=1, max_size=25))
+def test_no_user_request_reaches_a_candidate_before_it_passed_its_shadow(
+    steps: list[tuple[str | None, ManualAction, bool, int]],
+) -> None:
+    """Whatever the looks, manual actions and availability: while the candidate has not passed a shadow look (or
+    been promoted by hand), every decision routes users to stable only; it leaves the shadow only by a pass, a
+    manual promote/abort, a rollback on a failing look, or the deadline."""
+    state, now = start(), 0.0
+    passed_once = False
+    for kind, action, available, dt in steps:
+        now += dt
+        d = next_step(CANARY, state, obs(_look(kind), available=available, action=action), at(now))
+        if state.shadowing and not d.state.shadowing and d.state.phase is Phase.PROGRESSING:
+            assert kind == "good", (kind, d.reason)  # left the shadow to the first step: only on a pass
+            passed_once = True
+        if d.weights.canary_routable:
+            assert passed_once or d.action is Action.PROMOTE, d
+        if d.state.shadowing:
+            assert not d.weights.canary_routable and d.weights.canary == 0
+            assert d.weights.mirror in (0, 20)
+        state = d.state
+        if state.phase is not Phase.PROGRESSING:
+            break
+
+
+def test_a_candidate_available_only_after_the_rollout_started_still_shadows_first() -> None:
+    """The usual order on a cluster: the new revision builds, the rollout waits, then the candidate is Available."""
+    waiting = next_step(CANARY, start(), obs(available=False), T0)
+    assert waiting.action is Action.WAIT and not waiting.state.shadowing
+    d = next_step(CANARY, waiting.state, obs(), at(30))
+    assert d.state.shadowing and d.weights.mirror == 20 and not d.weights.canary_routable
+    assert d.event is not None and d.event.reason == "ShadowStarted"

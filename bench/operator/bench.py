@@ -1,15 +1,33 @@
-"""Operator benchmark at 50/200/500 models: time to Ready, apply->Deployment p50/p99, RSS, CPU, requests, writes."""
+"""Operator benchmark: a burst of N models (time to Ready, apply->Deployment p50/p99, reconciles, RSS, CPU, API
+requests, writes at rest) and a two-replica takeover (kill -9 the leader: time until the standby writes, objects
+written by both).
+
+    python bench/operator/bench.py --sizes 50,500,2000 --steady-seconds 60            # the scale table
+    python bench/operator/bench.py --sizes '' --takeover lease                        # takeover only
+
+Each size runs in a fresh namespace under a fresh operator process; the namespace is deleted (and waited for)
+before the next size, so one size's garbage collection does not load the next. Above CPU_NODE_PODS models the
+benchmark adds a simulated CPU node of its own for the duration (the test cluster's cpu-0 holds 1,000 pods).
+The operator is the one this tree's `operator/` holds, so the same file measures an older checkout when run
+from there (`git archive HEAD | tar -x -C /tmp/before; cd /tmp/before; python bench/operator/bench.py`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +36,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 
 import kubernetes  # noqa: E402
 
-from recserve_cluster.cluster import get_provider  # noqa: E402
-from tests.integration.conftest_operator import OperatorProcess, install_crd  # noqa: E402
+from recserve_cluster.cluster import Cluster, get_provider  # noqa: E402
+from recserve_cluster.nodes import NodeSpec, build_node  # noqa: E402
+from tests.integration.conftest_operator import OperatorProcess, free_port, install_crd  # noqa: E402
+
+WRITE_VERBS = ("apply", "patch-status", "event", "delete", "patch", "create")
+CPU_NODE_PODS = 800  # models the shared cpu-0 node takes on its own (1,000 pods, 16 CPUs, other tests' pods too)
+BENCH_NODE = "recserve-bench-cpu"
 
 
 def _model(name: str, replicas: int = 1) -> dict[str, Any]:
@@ -33,7 +56,8 @@ def _model(name: str, replicas: int = 1) -> dict[str, Any]:
         "apiVersion": "recserve.dev/v1alpha1",
         "kind": "RecommenderModel",
         "metadata": {"name": name},
-        "spec": {"model": {"uri": f"pvc://models/{name}/1", "format": "onnx", "version": 1}, "serving": serving},
+        # An s3:// source: kwok pods never fetch it (a pvc:// one would need the claim to schedule).
+        "spec": {"model": {"uri": f"s3://models/{name}/1", "format": "onnx", "version": 1}, "serving": serving},
     }
 
 
@@ -53,148 +77,455 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-WRITE_VERBS = ("apply", "patch-status", "event", "delete", "patch")
-
-
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _api(op: OperatorProcess) -> dict[str, float]:
-    return {k: v for k, v in (op.metrics() or {}).items() if k.startswith("recserve_api_requests_total")}
+def _scrape(port: int) -> dict[str, float] | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def _api(metrics: dict[str, float] | None) -> dict[str, float]:
+    return {k: v for k, v in (metrics or {}).items() if k.startswith("recserve_api_requests_total")}
 
 
 def _writes(requests: dict[str, float]) -> float:
     return sum(v for k, v in requests.items() if any(f'verb="{w}"' in k for w in WRITE_VERBS))
 
 
-def measure(cluster: Any, n: int, steady_s: float) -> dict[str, Any]:
-    """Burst-create n models in a fresh namespace under a fresh operator; latency, memory, CPU, requests, writes."""
+def _component_ports() -> dict[str, int]:
+    """Secure ports of the local control plane's controller-manager and scheduler (kwok binary runtime)."""
+    ports: dict[str, int] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        name = Path(args[0].decode(errors="replace")).name if args and args[0] else ""
+        if name in ("kube-controller-manager", "kube-scheduler"):
+            for arg in args:
+                if arg.startswith(b"--secure-port="):
+                    ports[name] = int(arg.split(b"=", 1)[1])
+    return ports
+
+
+def _throttled_s() -> dict[str, float]:
+    """Seconds the controller-manager's and scheduler's API clients waited on their own rate limiters (QPS):
+    time the control plane, not the operator, spends between an operator's Deployment and a Ready pod."""
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    out: dict[str, float] = {}
+    for name, port in _component_ports().items():
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=5, context=context) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        out[name] = sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                        if line.startswith("rest_client_rate_limiter_duration_seconds_sum"))  # fmt: skip
+    return out
+
+
+@contextmanager
+def _capacity(cluster: Cluster, n: int) -> Iterator[None]:
+    """A simulated CPU node of the benchmark's own while n models would not fit the shared cpu-0 node."""
+    if n <= CPU_NODE_PODS:
+        yield
+        return
+    node = build_node(NodeSpec(BENCH_NODE, cpu=str(max(16, n // 50)), memory="512Gi", pods=n + 100))
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
+    try:
+        yield
+    finally:
+        cluster.kubectl("delete", "node", BENCH_NODE, "--wait=false", "--ignore-not-found", check=False)
+
+
+def _delete_namespace(cluster: Cluster, ns: str, timeout: float = 900) -> float | None:
+    """Delete and wait until it is gone (its objects' garbage collection would otherwise load the next size)."""
+    start = time.monotonic()
+    cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    while time.monotonic() - start < timeout:
+        if cluster.kubectl("get", "namespace", ns, check=False).returncode != 0:
+            return time.monotonic() - start
+        time.sleep(2)
+    return None
+
+
+def _wait_quiet(cluster: Cluster, timeout: float = 900) -> None:
+    """Earlier benchmark namespaces still terminating load the control plane: wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        phases = "jsonpath={range .items[*]}{.metadata.name} {.status.phase}{'\\n'}{end}"
+        out = cluster.kubectl("get", "namespaces", "-o", phases, check=False).stdout
+        left = [line for line in out.splitlines() if line.startswith("bench-") and line.endswith(" Terminating")]
+        if not left:
+            return
+        print(f"waiting for {len(left)} benchmark namespace(s) to finish terminating", flush=True)
+        time.sleep(10)
+
+
+def measure(cluster: Cluster, n: int, steady_s: float, *, wait_deleted: bool = True) -> dict[str, Any]:
+    """Burst-create n models in a fresh namespace under a fresh operator; latency, memory, CPU, requests, writes.
+    The namespace is deleted afterwards, and waited for when another measurement follows."""
     ns = f"bench-{n}-{int(time.time())}"
     cluster.kubectl("create", "namespace", ns)
     log = Path(tempfile.mkdtemp()) / "operator.log"
     op = OperatorProcess(cluster, ns, log, resync_seconds=10)
-    op.start()
+    stop = threading.Event()
     try:
-        rss_idle = _rss_kib(op.pid)
-        cpu0 = _cpu_s(op.pid)
-        names = [f"m-{i:03d}" for i in range(n)]
-        api = kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
-        deployed: dict[str, float] = {}
-        ready: dict[str, float] = {}
-        stop = threading.Event()
-
-        # Watch streams record first sight of each Deployment and of phase Ready while models are created in a
-        # burst through the API (no kubectl subprocess between the clock and the request).
-        def watch(list_fn: Any, record: Any, **kw: Any) -> None:
-            w = kubernetes.watch.Watch()
-            for event in w.stream(list_fn, namespace=ns, timeout_seconds=900, **kw):
-                record(event["object"])
-                if stop.is_set():
-                    w.stop()
-
-        def on_deployment(obj: Any) -> None:
-            deployed.setdefault(obj.metadata.labels.get("app.kubernetes.io/instance"), time.monotonic())
-
-        def on_model(obj: dict[str, Any]) -> None:
-            if (obj.get("status") or {}).get("phase") == "Ready":
-                ready.setdefault(obj["metadata"]["name"], time.monotonic())
-
-        custom = kubernetes.client.CustomObjectsApi(api)
-        apps = kubernetes.client.AppsV1Api(api)
-        threads = [
-            threading.Thread(target=watch, args=(apps.list_namespaced_deployment, on_deployment), daemon=True),
-            threading.Thread(
-                target=watch, args=(custom.list_namespaced_custom_object, on_model),
-                kwargs={"group": "recserve.dev", "version": "v1alpha1", "plural": "recommendermodels"}, daemon=True,
-            ),
-        ]  # fmt: skip
-        for t in threads:
-            t.start()
-        time.sleep(1.0)  # let both watches establish before the first create
-        applied: dict[str, float] = {}
-        start = time.monotonic()
-        for name in names:
-            applied[name] = time.monotonic()
-            custom.create_namespaced_custom_object("recserve.dev", "v1alpha1", ns, "recommendermodels", _model(name))
-        deadline = time.monotonic() + 900
-        while len(ready) < n and time.monotonic() < deadline:
-            time.sleep(0.5)
-        all_ready_s = (max(ready.values()) - start) if len(ready) == n else None
-        busy_cpu = _cpu_s(op.pid) - cpu0
-        rss_loaded = _rss_kib(op.pid)
-        stop.set()
-        reconciles = (op.metrics() or {}).get("recserve_reconciles_total", 0.0)
-        requests = _api(op)
-        # Steady state: every model Ready and nothing changing; count the operator's writes over a window.
-        writes0, cpu1, t1 = _writes(_api(op)), _cpu_s(op.pid), time.monotonic()
-        time.sleep(steady_s)
-        steady_writes = _writes(_api(op)) - writes0
-        window = time.monotonic() - t1
-        steady_cpu = (_cpu_s(op.pid) - cpu1) / window
-        to_dep = [deployed[m] - applied[m] for m in names if m in deployed]
-        to_ready = [ready[m] - applied[m] for m in names if m in ready]
-        return {
-            "models": n,
-            "ready": len(ready),
-            "all_ready_s": all_ready_s,
-            "apply_to_deployment_s": _summary(to_dep),
-            "apply_to_ready_s": _summary(to_ready),
-            "mean_to_ready_s": statistics.fmean(to_ready) if to_ready else None,
-            "operator_rss_mib_idle": rss_idle / 1024,
-            "operator_rss_mib_loaded": rss_loaded / 1024,
-            "operator_cpu_s_until_ready": busy_cpu,
-            "operator_cpu_cores_steady": steady_cpu,
-            "reconciles": reconciles,
-            "api_requests": requests,
-            "api_requests_per_reconcile": sum(requests.values()) / reconciles if reconciles else None,
-            "steady_writes_per_minute": steady_writes * 60 / window,
-        }
+        with _capacity(cluster, n):
+            op.start()
+            result = _burst(cluster, op, ns, n, steady_s, stop=stop)
     finally:
+        stop.set()
         op.stop()
-        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        if wait_deleted:
+            result_gc = _delete_namespace(cluster, ns)
+        else:
+            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+            result_gc = None
+    result["namespace_deleted_s"] = result_gc
+    result["operator_log"] = str(log)
+    return result
 
 
-def run(sizes: list[int], steady_s: float, out: Path | None, *, keep_cluster: bool = False) -> list[dict[str, Any]]:
-    """Measure each size; a cluster this run brought up is taken down again (unless keep_cluster), so nothing it
-    started (kube-apiserver, etcd, kwok, the real node) outlives the benchmark."""
+def _burst(cluster: Cluster, op: OperatorProcess, ns: str, n: int, steady_s: float, *,
+           stop: threading.Event) -> dict[str, Any]:  # fmt: skip
+    rss_idle = _rss_kib(op.pid)
+    cpu0 = _cpu_s(op.pid)
+    names = [f"m-{i:04d}" for i in range(n)]
+    api = kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
+    deployed: dict[str, float] = {}
+    ready: dict[str, float] = {}
+
+    # Watch streams record first sight of each Deployment and of phase Ready while models are created in a
+    # burst through the API (no kubectl subprocess between the clock and the request).
+    def watch(list_fn: Any, record: Any, **kw: Any) -> None:
+        while not stop.is_set():
+            w = kubernetes.watch.Watch()
+            try:
+                for event in w.stream(list_fn, namespace=ns, timeout_seconds=60, **kw):
+                    record(event["object"])
+                    if stop.is_set():
+                        w.stop()
+            except Exception:  # a dropped stream: list again (records keep first sight)
+                time.sleep(0.2)
+
+    def on_deployment(obj: Any) -> None:
+        deployed.setdefault(obj.metadata.labels.get("app.kubernetes.io/instance"), time.monotonic())
+
+    def on_model(obj: dict[str, Any]) -> None:
+        if (obj.get("status") or {}).get("phase") == "Ready":
+            ready.setdefault(obj["metadata"]["name"], time.monotonic())
+
+    custom = kubernetes.client.CustomObjectsApi(api)
+    apps = kubernetes.client.AppsV1Api(api)
+    threads = [
+        threading.Thread(target=watch, args=(apps.list_namespaced_deployment, on_deployment), daemon=True),
+        threading.Thread(
+            target=watch, args=(custom.list_namespaced_custom_object, on_model),
+            kwargs={"group": "recserve.dev", "version": "v1alpha1", "plural": "recommendermodels"}, daemon=True,
+        ),
+    ]  # fmt: skip
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # let both watches establish before the first create
+    throttled0 = _throttled_s()
+    applied: dict[str, float] = {}
+    start = time.monotonic()
+    for name in names:
+        applied[name] = time.monotonic()
+        custom.create_namespaced_custom_object("recserve.dev", "v1alpha1", ns, "recommendermodels", _model(name))
+    created_s = time.monotonic() - start
+    deadline = time.monotonic() + 900
+    peak_rss = 0
+    while len(ready) < n and time.monotonic() < deadline:
+        peak_rss = max(peak_rss, _rss_kib(op.pid))
+        time.sleep(0.5)
+    all_ready_s = (max(ready.values()) - start) if len(ready) == n else None
+    busy_cpu = _cpu_s(op.pid) - cpu0
+    busy_wall = time.monotonic() - start
+    rss_loaded = _rss_kib(op.pid)
+    throttled1 = _throttled_s()
+    stop.set()
+    metrics = op.metrics() or {}
+    reconciles = metrics.get("recserve_reconciles_total", 0.0)
+    requests = _api(metrics)
+    # At rest: every model Ready and nothing changing; count the operator's writes and CPU over a window.
+    writes0, cpu1, t1 = _writes(_api(op.metrics())), _cpu_s(op.pid), time.monotonic()
+    reconciles0 = (op.metrics() or {}).get("recserve_reconciles_total", 0.0)
+    time.sleep(steady_s)
+    after = op.metrics() or {}
+    steady_writes = _writes(_api(after)) - writes0
+    window = time.monotonic() - t1
+    steady_cpu = (_cpu_s(op.pid) - cpu1) / window
+    rss_rest = _rss_kib(op.pid)
+    to_dep = [deployed[m] - applied[m] for m in names if m in deployed]
+    to_ready = [ready[m] - applied[m] for m in names if m in ready]
+    return {
+        "models": n,
+        "ready": len(ready),
+        "created_in_s": created_s,
+        "all_ready_s": all_ready_s,
+        "apply_to_deployment_s": _summary(to_dep),
+        "apply_to_ready_s": _summary(to_ready),
+        "mean_to_ready_s": statistics.fmean(to_ready) if to_ready else None,
+        "operator_rss_mib_idle": rss_idle / 1024,
+        "operator_rss_mib_loaded": rss_loaded / 1024,
+        "operator_rss_mib_peak": max(peak_rss, rss_loaded) / 1024,
+        "operator_rss_mib_rest": rss_rest / 1024,
+        "operator_cpu_s_until_ready": busy_cpu,
+        "operator_cpu_cores_until_ready": busy_cpu / busy_wall if busy_wall else None,
+        "operator_cpu_cores_steady": steady_cpu,
+        "reconciles": reconciles,
+        "reconciles_per_model": reconciles / n,
+        "reconciles_per_minute_steady": (after.get("recserve_reconciles_total", 0.0) - reconciles0) * 60 / window,
+        "api_requests": requests,
+        "api_requests_per_reconcile": sum(requests.values()) / reconciles if reconciles else None,
+        "writes_until_ready": _writes(requests),
+        "steady_writes_per_minute": steady_writes * 60 / window,
+        "control_plane_client_throttled_s": {k: v - throttled0.get(k, 0.0) for k, v in throttled1.items()},
+    }
+
+
+# -- two replicas: takeover ------------------------------------------------------------------------------------
+
+
+class Replica:
+    """One operator process of a pair: `lease` (this tree's leader election) or `peering` (Kopf peering)."""
+
+    def __init__(self, cluster: Cluster, ns: str, workdir: Path, name: str, *, mode: str, priority: int) -> None:
+        self.name, self.mode = name, mode
+        self.metrics_port = free_port()
+        self.log_path = workdir / f"{name}.log"
+        self.write_log = workdir / f"{name}.writes.jsonl"
+        env = {
+            **cluster.env,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT)]),
+            "PYTHONUNBUFFERED": "1",
+            "RECSERVE_METRICS_PORT": str(self.metrics_port),
+            "RECSERVE_RESYNC_SECONDS": "10",
+            "RECSERVE_WRITE_LOG": str(self.write_log),
+            "RECSERVE_IDENTITY": name,
+            "RECSERVE_LEADER_ELECTION": "true" if mode == "lease" else "false",
+            "RECSERVE_LEASE_NAMESPACE": ns,
+            "RECSERVE_PEERING_NAME": "bench",
+        }
+        cmd = [str(Path(sys.executable).parent / "kopf"), "run", "-m", "recserve_operator.handlers",
+               "--namespace", ns, "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]  # fmt: skip
+        cmd += ["--standalone"] if mode == "lease" else ["--peering", "bench", "--priority", str(priority)]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def metrics(self) -> dict[str, float] | None:
+        return _scrape(self.metrics_port)
+
+    def writes(self) -> float:
+        return _writes(_api(self.metrics()))
+
+    def written(self) -> list[dict[str, Any]]:
+        """(time, verb, path) of every write, when the operator records them (RECSERVE_WRITE_LOG)."""
+        if not self.write_log.exists():
+            return []
+        return [json.loads(line) for line in self.write_log.read_text().splitlines() if line.strip()]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _wait(predicate: Any, timeout: float, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+def takeover(cluster: Cluster, mode: str, models: int = 20, timeout: float = 180) -> dict[str, Any]:
+    """Two replicas, `models` models Ready under the leader; kill -9 the leader and change every model at once:
+    seconds until the standby's first write and until every change is applied; writes by the standby while the
+    leader lived; objects written by both processes."""
+    ns = f"bench-takeover-{mode}-{int(time.time())}"
+    cluster.kubectl("create", "namespace", ns)
+    workdir = Path(tempfile.mkdtemp(prefix="takeover-"))
+    if mode == "peering":
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "kopf-peering.yaml"))
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(
+            {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "bench"}}))  # fmt: skip
+    api = kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
+    custom = kubernetes.client.CustomObjectsApi(api)
+    apps = kubernetes.client.AppsV1Api(api)
+    a = Replica(cluster, ns, workdir, "replica-a", mode=mode, priority=100)
+    time.sleep(3 if mode == "lease" else 8)  # replica-a leads: it starts first (lease) or has the higher priority
+    b = Replica(cluster, ns, workdir, "replica-b", mode=mode, priority=50)
+    result: dict[str, Any] = {"mode": mode, "models": models}
+    try:
+        for r in (a, b):
+            if not _wait(r.metrics, 60):
+                raise RuntimeError(f"{r.name} did not start: {r.log_path.read_text()[-3000:]}")
+        names = [f"t-{i:03d}" for i in range(models)]
+        for name in names:
+            custom.create_namespaced_custom_object("recserve.dev", "v1alpha1", ns, "recommendermodels", _model(name))
+
+        def phases() -> list[str]:
+            items = custom.list_namespaced_custom_object("recserve.dev", "v1alpha1", ns, "recommendermodels")["items"]
+            return [(o.get("status") or {}).get("phase", "") for o in items]
+
+        if not _wait(lambda: phases().count("Ready") == models, timeout, 1.0):
+            raise RuntimeError(f"models not Ready under two replicas: {phases()}")
+        time.sleep(15)  # a resync or more at rest with both alive
+        leader, standby = (a, b) if a.writes() >= b.writes() else (b, a)
+        result["leader"] = leader.name
+        result["standby_writes_while_leader_alive"] = standby.writes()
+        result["leader_writes_before_kill"] = leader.writes()
+        standby_before = standby.writes()
+        killed_at_wall = time.time()
+        killed = time.monotonic()
+        leader.stop(signal.SIGKILL)
+        for name in names:  # every model changes right after the leader dies: only a new leader can apply it
+            custom.patch_namespaced_custom_object("recserve.dev", "v1alpha1", ns, "recommendermodels", name,
+                                                  {"spec": {"serving": {"replicas": 2}}})  # fmt: skip
+        first = _wait(lambda: standby.writes() > standby_before, timeout, 0.1)
+        result["standby_first_write_s"] = time.monotonic() - killed if first else None
+
+        def scaled() -> bool:
+            deps = apps.list_namespaced_deployment(ns).items
+            return sum(1 for d in deps if d.spec.replicas == 2) >= models
+
+        done = _wait(scaled, timeout, 0.25)
+        result["all_changes_applied_s"] = time.monotonic() - killed if done else None
+        # Objects written by both processes: from each process's write log (time, verb, path).
+        log_a, log_b = a.written(), b.written()
+        paths_a, paths_b = {w["path"] for w in log_a}, {w["path"] for w in log_b}
+        result["objects_written_by_both"] = len(paths_a & paths_b)
+        # ... and while both were alive (the standby wrote before the leader's death: split brain).
+        result["objects_written_by_both_while_both_alive"] = len(
+            {w["path"] for w in standby.written() if w["t"] < killed_at_wall}
+            & {w["path"] for w in leader.written()})  # fmt: skip
+        result["write_logs"] = bool(log_a or log_b)
+    finally:
+        for r in (a, b):
+            r.stop()
+        _delete_namespace(cluster, ns, timeout=300)
+    result["logs"] = str(workdir)
+    return result
+
+
+def run(sizes: list[int], steady_s: float, out: Path | None, *, keep_cluster: bool = False,
+        takeover_modes: list[str] | None = None, takeover_models: int = 20) -> dict[str, Any]:  # fmt: skip
+    """Measure each size (and the takeover); a cluster this run brought up is taken down again (unless
+    keep_cluster), so nothing it started (kube-apiserver, etcd, kwok, the real node) outlives the benchmark."""
     provider = get_provider()
     existed = provider.current() is not None
     cluster = provider.up()
-    results = []
+    report: dict[str, Any] = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
+        "results": [],
+        "takeover": [],
+    }
     try:
         install_crd(cluster)
-        for n in sizes:
-            r = measure(cluster, n, steady_s)
+        _wait_quiet(cluster)
+        for mode in takeover_modes or []:  # small: first, so the largest size is last (its deletion not waited)
+            try:
+                t = takeover(cluster, mode, takeover_models)
+            except Exception as exc:  # recorded: the scale table still runs
+                t = {"mode": mode, "models": takeover_models, "error": repr(exc)}
+            print(json.dumps(t), flush=True)
+            report["takeover"].append(t)
+            if out:
+                _write(out, report)
+        for i, n in enumerate(sizes):
+            r = measure(cluster, n, steady_s, wait_deleted=i < len(sizes) - 1)
             print(json.dumps(r), flush=True)
-            results.append(r)
+            report["results"].append(r)
+            if out:
+                _write(out, report)
     finally:
         if not existed and not keep_cluster and provider.name != "existing":
             provider.down()
-    print(f"{'models':>6} {'all Ready s':>11} {'->Deploy p50/p99 s':>19} {'->Ready p50/p99 s':>18} "
-          f"{'RSS MiB':>8} {'CPU s':>6} {'req/reconcile':>13} {'writes/min steady':>17}")
-    for r in results:
+    _print(report)
+    if out:
+        _write(out, report)
+    return report
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(
+        f"{'models':>6} {'all Ready s':>11} {'->Deploy p50/p99 s':>19} {'->Ready p50/p99 s':>18} "
+        f"{'rec/model':>9} {'RSS MiB':>8} {'CPU s':>6} {'cores':>5} {'req/rec':>7} {'writes/min rest':>15}"
+    )
+    for r in report["results"]:
         d, rd = r["apply_to_deployment_s"], r["apply_to_ready_s"]
         all_ready = r["all_ready_s"] or float("nan")
-        print(f"{r['models']:>6} {all_ready:>11.1f} {d.get('p50', 0):>9.2f}/{d.get('p99', 0):<9.2f}"
-              f" {rd.get('p50', 0):>8.2f}/{rd.get('p99', 0):<9.2f} {r['operator_rss_mib_loaded']:>8.0f}"
-              f" {r['operator_cpu_s_until_ready']:>6.1f} {r['api_requests_per_reconcile'] or 0:>13.2f}"
-              f" {r['steady_writes_per_minute']:>17.1f}")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+        print(
+            f"{r['models']:>6} {all_ready:>11.1f} {d.get('p50', 0):>9.2f}/{d.get('p99', 0):<9.2f}"
+            f" {rd.get('p50', 0):>8.2f}/{rd.get('p99', 0):<9.2f} {r['reconciles_per_model']:>9.1f}"
+            f" {r['operator_rss_mib_loaded']:>8.0f} {r['operator_cpu_s_until_ready']:>6.1f}"
+            f" {r['operator_cpu_cores_until_ready'] or 0:>5.2f} {r['api_requests_per_reconcile'] or 0:>7.2f}"
+            f" {r['steady_writes_per_minute']:>15.1f}"
+        )
+    for t in report["takeover"]:
+        print(
+            f"takeover ({t['mode']}, {t['models']} models): standby's first write {t.get('standby_first_write_s')}"
+            f" s after kill -9, every change applied {t.get('all_changes_applied_s')} s; standby writes while"
+            f" the leader lived {t.get('standby_writes_while_leader_alive')}; objects written by both while"
+            f" both alive {t.get('objects_written_by_both_while_both_alive')}"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="50,200,500", help="comma-separated model counts, each measured fresh")
-    parser.add_argument("--steady-seconds", type=float, default=60.0, help="window for steady-state writes")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="50,500,2000", help="comma-separated model counts, each measured fresh")
+    parser.add_argument("--steady-seconds", type=float, default=60.0, help="window for writes at rest")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operator.json")
     parser.add_argument("--keep-cluster", action="store_true", help="leave a cluster this run started running")
+    parser.add_argument("--takeover", default="", help="comma-separated: lease (leader election), peering (Kopf)")
+    parser.add_argument("--takeover-models", type=int, default=20)
     args = parser.parse_args()
-    run([int(x) for x in args.sizes.split(",")], args.steady_seconds, args.out, keep_cluster=args.keep_cluster)
+    # Stopped by a signal (even from a background shell, which ignores SIGINT): still run the cleanup (operator
+    # processes, namespaces, the benchmark's node, a cluster it brought up).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    run(
+        [int(x) for x in args.sizes.split(",") if x],
+        args.steady_seconds,
+        args.out,
+        keep_cluster=args.keep_cluster,
+        takeover_modes=[m for m in args.takeover.split(",") if m],
+        takeover_models=args.takeover_models,
+    )
 
 
 if __name__ == "__main__":

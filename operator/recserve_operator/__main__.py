@@ -1,4 +1,8 @@
-"""`python -m recserve_operator`: run the operator with namespaces, peering and liveness from the environment."""
+"""`python -m recserve_operator`: run the operator with namespaces, leader election and liveness from the environment.
+
+Kopf runs standalone in every replica (no Kopf peering): each replica watches and keeps its caches warm, and
+leader election over a Lease (RECSERVE_LEADER_ELECTION, see recserve_operator.leader) decides which one reconciles.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,10 @@ from recserve_operator.settings import OperatorDefaults
 
 def main() -> None:
     defaults = OperatorDefaults.from_env()
-    standalone = os.environ.get("RECSERVE_STANDALONE", "false").lower() in ("1", "true", "yes")
     kopf.run(
         clusterwide=not defaults.watch_namespaces,
         namespaces=defaults.watch_namespaces,
-        standalone=standalone,
-        priority=int(os.environ.get("RECSERVE_PEERING_PRIORITY", "0")),
-        peering_name=os.environ.get("RECSERVE_PEERING_NAME", "recserve"),
+        standalone=True,
         liveness_endpoint=os.environ.get("RECSERVE_LIVENESS_ENDPOINT", "http://0.0.0.0:8080/healthz"),
     )
 

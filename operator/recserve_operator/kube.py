@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -19,6 +22,12 @@ from recserve_operator import telemetry
 
 FIELD_MANAGER = "recserve"
 logger = logging.getLogger("recserve.kube")
+# Requests that change an object the operator manages (or post an Event): fenced by leader election.
+WRITE_VERBS = frozenset(("apply", "delete", "patch-status", "patch", "event"))
+
+
+class NotLeading(Exception):
+    """A write was refused because this replica does not (or no longer) hold the leader lease."""
 
 
 @dataclass(frozen=True)
@@ -59,18 +68,29 @@ def resource_of(obj: dict[str, Any]) -> Resource:
 class Kube:
     """Every API request the reconciler makes goes through here, so it can be counted and kept minimal."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient, *, write_log: Path | None = None,
+                 identity: str = "") -> None:  # fmt: skip
         self._api = api_client
         self._lock = threading.Lock()
         self.requests: Counter[str] = Counter()
+        # The write fence: None (no election) or a callable saying whether this replica may write now.
+        self.may_write: Callable[[], bool] | None = None
+        # RECSERVE_WRITE_LOG: one JSON line per write (time, verb, path, identity), for the takeover checks.
+        self._write_log, self._identity = write_log, identity
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, pool_size: int = 16, identity: str = "") -> Kube:
+        """Kubeconfig or in-cluster credentials; `pool_size` connections kept to the API server (every worker
+        thread and the lease loop may hold one at once: urllib3 blocks or discards beyond the pool's size)."""
+        configuration = kubernetes.client.Configuration()
         try:
-            kubernetes.config.load_incluster_config()
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient())
+            kubernetes.config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = pool_size
+        write_log = os.environ.get("RECSERVE_WRITE_LOG")
+        return cls(kubernetes.client.ApiClient(configuration), write_log=Path(write_log) if write_log else None,
+                   identity=identity)  # fmt: skip
 
     def _auth_headers(self) -> dict[str, str]:
         # auth_settings() runs the kubeconfig's token refresh hook (exec plugins, projected tokens).
@@ -85,6 +105,9 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
     ) -> Any:  # fmt: skip
         """One HTTP call on the client's urllib3 pool (TLS and auth from the kubeconfig), stable across versions."""
+        write = verb in WRITE_VERBS
+        if write and self.may_write is not None and not self.may_write():
+            raise NotLeading(f"{method} {path}: this replica does not hold the leader lease")
         with self._lock:
             self.requests[verb] += 1
         telemetry.API_REQUESTS.labels(verb=verb).inc()
@@ -99,9 +122,17 @@ class Kube:
         response = self._api.rest_client.pool_manager.request(
             method, url, body=payload, headers=headers, timeout=urllib3.Timeout(total=30), retries=False
         )
+        if write and self._write_log is not None:
+            self._record_write(verb, path, response.status)
         if not 200 <= response.status <= 299:
             raise ApiException(status=response.status, reason=f"{method} {path}: {response.data[:500]!r}")
         return json.loads(response.data) if response.data else None
+
+    def _record_write(self, verb: str, path: str, status: int) -> None:
+        assert self._write_log is not None
+        line = json.dumps({"t": time.time(), "verb": verb, "path": path, "status": status, "by": self._identity})
+        with self._lock, self._write_log.open("a") as out:
+            out.write(line + "\n")
 
     def get(self, resource: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
@@ -221,3 +252,42 @@ class Kube:
             )  # fmt: skip
         except ApiException as exc:
             logger.warning("Event not posted reason=%s status=%s", reason, exc.status)
+
+    # -- leader election (coordination.k8s.io/v1 Lease): never fenced, never counted as the reconciler's writes --
+
+    def _lease_path(self, namespace: str, name: str | None = None) -> str:
+        return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases" + (f"/{name}" if name else "")
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._request("lease-get", "GET", self._lease_path(namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    def create_lease(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """None when another replica created it first (409)."""
+        try:
+            result: dict[str, Any] = self._request(
+                "lease-create", "POST", self._lease_path(body["metadata"]["namespace"]), body=body
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            raise
+        return result
+
+    def replace_lease(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """An update guarded by the resourceVersion read: None when another replica wrote it meanwhile (409)."""
+        meta = body["metadata"]
+        try:
+            result: dict[str, Any] = self._request(
+                "lease-update", "PUT", self._lease_path(meta["namespace"], meta["name"]), body=body
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return None
+            raise
+        return result

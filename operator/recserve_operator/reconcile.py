@@ -116,6 +116,13 @@ class Reconciler:
                     self._applied.pop(key, None)
             self._verified.pop(("ServiceMonitor", namespace, name), None)
 
+    def is_own_write(self, kind: str, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether a watch event only shows this operator's own last write (the reconcile that made it already
+        accounted for it), so it needs no reconcile of its own."""
+        applied = self._applied.get((kind, namespace, name))
+        version = (applied.get("metadata") or {}).get("resourceVersion") if applied is not None else None
+        return version is not None and version == resource_version
+
     def servicemonitor_supported(self) -> bool:
         checked_at, supported = self._sm_checked
         if time.monotonic() - checked_at > _DISCOVERY_TTL_S:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -100,6 +101,58 @@ class OperatorDefaults:
         if self.router_tolerations:
             out["tolerations"] = [dict(t) for t in self.router_tolerations]
         return out
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the operator process runs (not model defaults): its workers, resync periods and leader election."""
+
+    # Worker threads reconciling model keys from the work queue (one key is never reconciled twice at once).
+    workers: int = 8
+    # A model whose strategy acts on time (canary, abTest: steps, pauses, analysis) is reconciled every
+    # OperatorDefaults.resync_seconds; an `immediate` model whose last reconcile changed nothing waits this long
+    # (its changes arrive as watch events; the resync only covers what no watch shows, e.g. a ServiceMonitor).
+    idle_resync_seconds: float = 300.0
+    # Leader election (coordination.k8s.io Lease): on with more than one replica. Off: this process reconciles.
+    leader_election: bool = False
+    lease_name: str = "recserve-operator"
+    lease_namespace: str = ""
+    identity: str = ""
+    lease_duration_seconds: float = 15.0
+    renew_deadline_seconds: float = 10.0
+    retry_period_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"RECSERVE_WORKERS must be at least 1, got {self.workers}")
+        if self.leader_election and not self.lease_namespace:
+            raise ValueError("leader election needs RECSERVE_LEASE_NAMESPACE (or POD_NAMESPACE)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, watch_namespaces: tuple[str, ...] = ()) -> Runtime:
+        e = os.environ if env is None else env
+        election = e.get("RECSERVE_LEADER_ELECTION", "false").strip().lower() in ("1", "true", "yes")
+        namespace = e.get("RECSERVE_LEASE_NAMESPACE") or e.get("POD_NAMESPACE") or _service_account_namespace()
+        return cls(
+            workers=int(e.get("RECSERVE_WORKERS", str(cls.workers))),
+            idle_resync_seconds=float(e.get("RECSERVE_IDLE_RESYNC_SECONDS", str(cls.idle_resync_seconds))),
+            leader_election=election,
+            lease_name=e.get("RECSERVE_LEASE_NAME", cls.lease_name),
+            lease_namespace=namespace or (watch_namespaces[0] if watch_namespaces else ""),
+            identity=e.get("RECSERVE_IDENTITY") or e.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            lease_duration_seconds=float(e.get("RECSERVE_LEASE_DURATION_SECONDS", str(cls.lease_duration_seconds))),
+            renew_deadline_seconds=float(e.get("RECSERVE_RENEW_DEADLINE_SECONDS", str(cls.renew_deadline_seconds))),
+            retry_period_seconds=float(e.get("RECSERVE_RETRY_PERIOD_SECONDS", str(cls.retry_period_seconds))),
+        )
+
+
+def _service_account_namespace() -> str:
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 J = TypeVar("J", dict, list)  # type: ignore[type-arg]

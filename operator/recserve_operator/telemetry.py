@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECONCILES = Counter("recserve_reconciles_total", "Reconciles of RecommenderModels.")
 RECONCILE_ERRORS = Counter("recserve_reconcile_errors_total", "Reconciles that raised an error.")
@@ -14,6 +14,17 @@ RECONCILE_SECONDS = Histogram(
 APPLIES = Counter("recserve_applies_total", "Server-side applies of owned objects (drift or spec changes).", ["kind"])
 ROLLOUTS = Counter("recserve_rollouts_total", "Finished rollouts by outcome.", ["outcome"])
 API_REQUESTS = Counter("recserve_api_requests_total", "Kubernetes API requests made by the reconciler.", ["verb"])
+QUEUE_ADDS = Counter(
+    "recserve_workqueue_adds_total", "Model keys queued for a reconcile, by trigger (deduplicated adds included).",
+    ["trigger"],
+)  # fmt: skip
+QUEUE_DEPTH = Gauge("recserve_workqueue_depth", "Model keys waiting for a worker.")
+QUEUE_WAIT_SECONDS = Histogram(
+    "recserve_workqueue_wait_seconds",
+    "Time a model key waited in the work queue before a worker took it.",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+LEADER = Gauge("recserve_leader", "1 while this replica reconciles (it holds the lease, or runs without election).")
 
 
 def serve(port: int) -> None:

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.chart.render import CHART, KUBE_VERSION, ROOT, VALUE_SETS, by_kind, helm, one, render
+from tests.chart.render import CHART, KUBE_VERSION, RELEASE_NAMESPACE, ROOT, VALUE_SETS, by_kind, helm, one, render
 
 pytestmark = pytest.mark.chart
 
@@ -146,7 +146,9 @@ def test_rbac_has_no_wildcards_no_update_and_no_secrets_but_the_store_keys_copy(
     for kind, role, rule in rules:
         fields = rule.get("apiGroups", []) + rule.get("resources", []) + rule.get("verbs", [])
         assert "*" not in fields and not any("*" in f for f in fields), (kind, role, rule)
-        assert not {"update", "escalate", "bind", "impersonate"} & set(rule["verbs"]), (kind, role, rule)
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), (kind, role, rule)
+        if "update" in rule["verbs"]:  # only the leader-election Lease, by name
+            assert rule["resources"] == ["leases"] and len(rule.get("resourceNames") or []) == 1, (role, rule)
         if "secrets" in rule.get("resources", []):
             assert rule["resources"] == ["secrets"] and len(rule.get("resourceNames") or []) == 1, (role, rule)
             secret_rules.append((kind, rule["resourceNames"][0], sorted(rule["verbs"])))
@@ -157,9 +159,13 @@ def test_rbac_has_no_wildcards_no_update_and_no_secrets_but_the_store_keys_copy(
 
 def test_namespaced_mode_writes_only_inside_the_watched_namespaces(tmp_path: Path) -> None:
     docs = render({"watchNamespaces": ["team-a", "team-b"], "replicaCount": 2}, tmp_path)
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-operator")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"].endswith("-operator")]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    # Two replicas: the leader-election Lease, in the release namespace, is the only thing written there.
+    election = [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    assert [r["metadata"]["namespace"] for r in election] == [RELEASE_NAMESPACE]
     for kind, role, rule in _rules(docs):
         if kind == "ClusterRole":
             assert set(rule["verbs"]) <= {"list", "watch"}, (role, rule)
@@ -180,22 +186,36 @@ def test_cluster_mode_uses_a_cluster_role_and_all_namespaces(tmp_path: Path) -> 
     assert "--all-namespaces" in args and "--standalone" in args
 
 
-def test_two_replicas_use_peering_with_a_random_priority_a_pdb_and_a_rolling_update(tmp_path: Path) -> None:
+def test_two_replicas_elect_a_leader_on_one_lease_with_a_pdb_and_a_rolling_update(tmp_path: Path) -> None:
     docs = render({"replicaCount": 2}, tmp_path)
     deployment = one(docs, "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert "--peering=recserve" in container["args"] and "--standalone" not in container["args"]
-    # Kopf pauses all replicas that see a peer with the same priority, so each must draw its own.
-    assert "--priority=" in " ".join(container["command"])
+    # Kopf only watches in every replica (caches warm); the Lease decides who reconciles.
+    assert "--standalone" in container["args"] and not any(a.startswith("--peering") for a in container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RECSERVE_LEADER_ELECTION"]["value"] == "true"
+    assert env["RECSERVE_LEASE_NAME"]["value"] == "rs-recserve-operator"
+    assert env["RECSERVE_IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["RECSERVE_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
-    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "recserve"
+    role = next(r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "rs-recserve-leader-election")
+    assert role["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["rs-recserve-operator"],
+         "verbs": ["get", "update"]},
+    ]  # fmt: skip
+    assert not by_kind(docs, "ClusterKopfPeering") and not by_kind(docs, "KopfPeering")
 
 
 def test_one_replica_runs_standalone_and_is_recreated_so_two_operators_never_overlap(tmp_path: Path) -> None:
     docs = render({}, tmp_path)
     assert one(docs, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
     assert not by_kind(docs, "PodDisruptionBudget") and not by_kind(docs, "ClusterKopfPeering")
+    env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "RECSERVE_LEADER_ELECTION" not in env and "RECSERVE_WORKERS" in env
+    assert not [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
 
 
 @pytest.mark.parametrize("name", VALUE_SET_IDS)

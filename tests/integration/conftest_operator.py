@@ -116,6 +116,7 @@ class OperatorProcess:
         resync_seconds: float = 2.0,
         *,
         entry_point: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.cluster = cluster
         self.namespace = namespace
@@ -124,6 +125,8 @@ class OperatorProcess:
         self.resync_seconds = resync_seconds
         # entry_point: `python -m recserve_operator` (namespaces, peering, liveness from env) instead of `kopf run`.
         self.entry_point = entry_point
+        # More environment for the process (e.g. leader election: RECSERVE_LEADER_ELECTION, RECSERVE_IDENTITY).
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self._logs: list[str] = []
 
@@ -137,6 +140,7 @@ class OperatorProcess:
                 "RECSERVE_TRITON_IMAGE": "nvcr.io/nvidia/tritonserver:25.10-py3",
                 "RECSERVE_BUILDER_IMAGE": "recserve/model-repo-builder:test",
                 "PYTHONUNBUFFERED": "1",
+                **self.extra_env,
             }
         )
         log = self.log_path.open("ab")

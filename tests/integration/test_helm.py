@@ -145,7 +145,7 @@ def test_install_upgrade_and_uninstall_keep_the_crd_and_the_users_models(
     assert defaults["RECSERVE_MODEL_STORE"] == "s3://recserve-models/artifacts", defaults
     assert defaults["RECSERVE_MODEL_STORE_SECRET_SOURCE"] == f"{namespace}/{fullname}-model-store", defaults
 
-    # Upgrade: two replicas (peering) and a new default Triton image.
+    # Upgrade: two replicas (leader election) and a new default Triton image.
     values = {**values, "replicaCount": 2, "defaults": {"tritonImage": NEW_TRITON}}
     _helm(cluster, "upgrade", release.name, str(CHART), "-n", namespace, "--wait", "--timeout", "3m",
           values=values, tmp_path=tmp_path)  # fmt: skip
@@ -154,8 +154,11 @@ def test_install_upgrade_and_uninstall_keep_the_crd_and_the_users_models(
     second = wait_for(lambda: _deployment_available(cluster, namespace, fullname, 2), 180,
                       message="operator Deployment did not roll to 2 available replicas")  # fmt: skip
     assert second["spec"]["template"]["metadata"]["annotations"]["checksum/defaults"] != first_checksum
-    assert "--peering=recserve" in second["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert _get(cluster, "clusterkopfpeering", "recserve")
+    env = {e["name"]: e.get("value") for e in second["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RECSERVE_LEADER_ELECTION"] == "true"
+    # The replicas elect their leader on the chart's Lease, with the chart's RBAC.
+    wait_for(lambda: ((_get(cluster, "lease", f"{fullname}-operator", "-n", namespace) or {}).get("spec") or {})
+             .get("holderIdentity"), 60, message="no replica holds the leader-election Lease")  # fmt: skip
     pods = _get(cluster, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release.name}")["items"]
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")
             and p["metadata"]["labels"].get("app.kubernetes.io/component") != "model-store"]  # fmt: skip
@@ -252,7 +255,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("mode", ["standalone", "peering", "cluster-mode"])
+@pytest.mark.parametrize("mode", ["standalone", "leader-election", "cluster-mode"])
 def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more(
     cluster: Cluster, release: Release, extra_namespaces: tuple[str, str], mode: str, tmp_path: Path
 ) -> None:
@@ -261,7 +264,7 @@ def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more
     namespace = release.namespace
     watched, unwatched = extra_namespaces
     fullname = f"{release.name}-recserve"
-    cluster_mode, replicas = mode == "cluster-mode", 2 if mode == "peering" else 1
+    cluster_mode, replicas = mode == "cluster-mode", 2 if mode == "leader-election" else 1
     # No metrics Service: this test needs none, and the shared cluster's service IP range is small.
     values = {"image": TEST_IMAGE, "replicaCount": replicas, "metrics": {"service": {"enabled": False}},
               **NO_PROVISIONER, **({} if cluster_mode else {"watchNamespaces": [watched]})}  # fmt: skip
@@ -307,8 +310,9 @@ def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more
                    ("patch", rm, "--subresource=status", "-n", unwatched),
                    ("create", "deployments.apps", "-n", namespace)]  # the release namespace is not watched either
     if replicas > 1:
-        allowed.append(("patch", "kopfpeerings.kopf.dev/recserve", "-n", watched))
-        denied.append(("patch", "kopfpeerings.kopf.dev/someone-else", "-n", watched))
+        allowed.append(("update", f"leases.coordination.k8s.io/{fullname}-operator", "-n", namespace))
+        denied.append(("update", "leases.coordination.k8s.io/someone-else", "-n", namespace))
+        denied.append(("update", f"leases.coordination.k8s.io/{fullname}-operator", "-n", watched))
     wrong = [a for a in allowed if not _can_i(cluster, kubeconfig, *a)]
     wrong += [("NOT DENIED", *d) for d in denied if _can_i(cluster, kubeconfig, *d)]
     assert not wrong, f"RBAC differs from the contract: {wrong}"
@@ -337,8 +341,6 @@ def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more
         assert "--all-namespaces" in args
         args = [a for a in args if a != "--all-namespaces"] + [f"--namespace={watched}"]
     args += ["--liveness", f"http://127.0.0.1:{_free_port()}/healthz", "--log-format=plain", "--verbose"]
-    if replicas > 1:
-        args.append("--priority=100")  # what the chart's shell wrapper draws at random
     defaults = _get(cluster, "configmap", f"{fullname}-defaults", "-n", namespace)["data"]
     env = {
         **os.environ,
@@ -373,7 +375,7 @@ def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more
                        log_path, "the operator wrote no status")  # fmt: skip
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # Kopf's graceful stop (releases its peering record)
+            proc.send_signal(signal.SIGINT)  # Kopf's graceful stop
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

@@ -53,9 +53,14 @@ app.kubernetes.io/part-of: recserve
 {{- end }}
 {{- end }}
 
-{{/* "true" when Kopf peering is on: forced, or implied by more than one replica. */}}
-{{- define "recserve.peering" -}}
-{{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{/* "true" when leader election is on: forced, or implied by more than one replica. */}}
+{{- define "recserve.leaderElection" -}}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{/* The Lease the replicas elect their leader on (in the release namespace). */}}
+{{- define "recserve.leaseName" -}}
+{{- .Values.leaderElection.leaseName | default (printf "%s-operator" (include "recserve.fullname" .)) }}
 {{- end }}
 
 {{/* "true" in cluster mode (no watchNamespaces): ClusterRole and --all-namespaces. */}}
@@ -65,8 +70,8 @@ app.kubernetes.io/part-of: recserve
 
 {{/* Rules for the namespace-scoped objects, shared by the ClusterRole (cluster mode) and each Role. */}}
 {{- define "recserve.namespacedRules" -}}
-# The RecServe API: Kopf watches models and keeps its diff-base annotation on them (patch); the
-# operator reports progress in the status subresource.
+# The RecServe API: the operator watches models, clears a consumed rollout-action annotation (patch)
+# and reports progress in the status subresource.
 - apiGroups: [recserve.dev]
   resources: [recommendermodels]
   verbs: [get, list, watch, patch]

@@ -432,7 +432,7 @@ def build_shadow_container(model: str, namespace: str, plan: TrafficPlan, image:
         ],
         "ports": [{"name": "shadow-metrics", "containerPort": SHADOW_METRICS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": "shadow-metrics"}, "periodSeconds": 5},
-        "resources": {"requests": {"cpu": "100m", "memory": "96Mi"}, "limits": {"memory": "256Mi"}},
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,

@@ -41,6 +41,7 @@ from tests.integration.realpods import (
     prometheus_query,
     recommender_model,
 )
+from tests.integration.test_rollback_realpods import UNSCHEDULABLE_S, _unschedulable
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
 
@@ -151,8 +152,16 @@ def _spec(version: int) -> dict[str, Any]:
 platform = platform_fixture("t-shadow")
 
 
-def _canary(cluster: Cluster, ns: str) -> dict[str, Any]:
-    return ((get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}).get("canary") or {}
+def _canary(cluster: Cluster, ns: str, pending: dict[str, float] | None = None) -> dict[str, Any]:
+    """status.canary; with `pending`, fails once the candidate's pod stayed unschedulable for UNSCHEDULABLE_S."""
+    canary = ((get(cluster, "recommendermodel", MODEL, "-n", ns) or {}).get("status") or {}).get("canary") or {}
+    if pending is not None:
+        why = _unschedulable(cluster, ns, canary.get("revision"))
+        if not why:
+            pending.clear()
+        elif time.time() - pending.setdefault("t", time.time()) > UNSCHEDULABLE_S:
+            raise AssertionError(f"the candidate's pod cannot be scheduled (other workloads on {NODE}?): {why}")
+    return canary
 
 
 def _load_pod(ns: str, url: str) -> dict[str, Any]:
@@ -241,9 +250,10 @@ def test_shadow_passes_an_equal_candidate_and_rolls_back_a_shuffled_ranking_on_l
         # -- version 2, equal to stable: shadow passes, the first step starts ------------------------------------
         apply(cluster, {**_spec(2), "metadata": {"name": MODEL, "namespace": ns}})
         shadow_seen: dict[str, float] = {}
+        pending: dict[str, float] = {}
 
         def left_shadow() -> dict[str, Any] | None:
-            c = _canary(cluster, ns)
+            c = _canary(cluster, ns, pending)
             if c.get("shadowing") and c.get("revision") != stable:
                 shadow_seen.setdefault("start", time.time())
             assert c.get("phase") != "RolledBack", c
@@ -264,7 +274,7 @@ def test_shadow_passes_an_equal_candidate_and_rolls_back_a_shuffled_ranking_on_l
         apply(cluster, {**_spec(3), "metadata": {"name": MODEL, "namespace": ns}})
 
         def rolled_back() -> dict[str, Any] | None:
-            c = _canary(cluster, ns)
+            c = _canary(cluster, ns, pending)
             return c if c.get("phase") == "RolledBack" and c.get("revision") not in (stable, equal_rev) else None
 
         failed = wait_for(rolled_back, 600, 1, "version 3 to be rolled back by its shadow analysis")

@@ -197,3 +197,24 @@ def test_the_mirroring_httproute_fits_the_gateway_api_crd_the_test_cluster_insta
     mirror = schema["properties"]["spec"]["properties"]["rules"]["items"]["properties"]["filters"]["items"][  # type: ignore[index]
         "properties"]["requestMirror"]["properties"]  # fmt: skip
     assert "percent" in mirror and "fraction" in mirror
+
+
+def test_gateway_api_mirroring_is_judged_on_the_candidates_own_triton_series() -> None:
+    from recserve_operator.metrics.base import TritonSeries, collect_mirrored
+    from recserve_operator.rollout.analysis import Verdict, evaluate_shadow
+    from recserve_operator.rollout.policy import RolloutPolicy
+
+    class Triton(FakeProvider):
+        def triton_series(self, revision: str, window_s: float) -> TritonSeries:  # type: ignore[override]
+            assert (revision, window_s) == ("b2", 120)
+            return TritonSeries(requests=300.0, error_rate=0.0, p99_ms=9.0, p99_is_average=False)
+
+    m = collect_mirrored(Triton({}), candidate="b2", window_s=120)  # type: ignore[arg-type]
+    assert (m.mirrored, m.compared, m.error_rate, m.p99_ms, m.top_k_overlap) == (300.0, 300.0, 0.0, 9.0, None)
+    policy = RolloutPolicy.from_spec({
+        "strategy": "canary", "steps": [{"weight": 10}], "analysis": {"prometheus": "http://p:9090"},
+        "routing": {"provider": "gatewayAPI", "parentRef": {"name": "gw"}}, "shadow": {"maxP99LatencyMs": 20},
+    })  # fmt: skip
+    assert policy.shadow is not None
+    result = evaluate_shadow(policy.shadow, m)
+    assert result.verdict is Verdict.PASS and {c.name for c in result.checks} == {"p99LatencyMs", "errorRate"}

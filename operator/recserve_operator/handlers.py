@@ -243,6 +243,9 @@ class Controller:
         self.elector: LeaderElector | None = None
         self.seen: dict[str, int] = {}  # owned object uid -> trigger digest
         self.signatures: dict[Key, int] = {}  # model key -> signature
+        # Triggers decided by an index handler, queued by the object's event handler: Kopf stores an index value
+        # after its handler returns, and a worker must find the new value in the cache (uid -> key, trigger).
+        self.pending: dict[str, tuple[Key, str, bool]] = {}
         telemetry.QUEUE_DEPTH.set_function(lambda: len(self.queue))
         if runtime.leader_election:
             timing = Timing(
@@ -296,16 +299,25 @@ class Controller:
         telemetry.QUEUE_ADDS.labels(trigger=trigger).inc()
         self.queue.add(key, urgent=urgent)
 
+    def flush(self, body: Mapping[str, Any]) -> None:
+        """Queue what the index handler decided for this object, now that the caches hold its new state."""
+        pending = self.pending.pop(str((body.get("metadata") or {}).get("uid") or ""), None)
+        if pending is not None:
+            key, trigger, urgent = pending
+            self.enqueue(key, trigger, urgent=urgent)
+
     def model_seen(self, body: Mapping[str, Any], namespace: str, name: str) -> None:
         key = (namespace, name)
         signature = _model_signature(body)
         if self.signatures.get(key) != signature:
             self.signatures[key] = signature
-            self.enqueue(key, "model", urgent=True)  # a new model or a spec edit: before readiness updates
+            # A new model or a spec edit: before readiness updates.
+            self.pending[str(body["metadata"].get("uid") or "")] = (key, "model", True)
 
     def model_gone(self, namespace: str, name: str, uid: str | None) -> None:
         key = (namespace, name)
         self.signatures.pop(key, None)
+        self.pending.pop(uid or "", None)
         self.queue.discard(key)
         # Children go with garbage collection (owner references); only forget our memory of the model.
         self.reconciler.forget(namespace, name, uid)
@@ -323,10 +335,12 @@ class Controller:
         if self.reconciler.is_own_write(kind, meta.get("namespace") or "", meta.get("name") or "",
                                         meta.get("resourceVersion")):  # fmt: skip
             return
-        self.enqueue(key, kind.lower())
+        self.pending[uid] = (key, kind.lower(), False)
 
     def owned_gone(self, body: Mapping[str, Any], key: Key | None) -> None:
-        self.seen.pop(str((body.get("metadata") or {}).get("uid") or ""), None)
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        self.seen.pop(uid, None)
+        self.pending.pop(uid, None)
         if key is not None:
             self.enqueue(key, "deleted")
 
@@ -517,7 +531,7 @@ async def recserve_jobs(body: kopf.Body, namespace: str | None, labels: kopf.Lab
     return _index_owned("Job", body, namespace, labels, kwargs=kwargs, slim=_plain(body))
 
 
-# -- deletions (index handlers see no DELETED events) and the "every cache is listed" signal --------------------
+# -- after indexing: queue the triggers, deletions (index handlers see no DELETED events), "every cache is listed" --
 
 
 @kopf.on.event(*MODEL)
@@ -527,6 +541,8 @@ async def model_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | No
     ctl.mark_indexed()
     if event.get("type") == "DELETED" and namespace:
         ctl.model_gone(namespace, name, body["metadata"].get("uid"))
+    else:
+        ctl.flush(body)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
@@ -538,12 +554,15 @@ async def model_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | No
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 async def owned_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, labels: kopf.Labels,
                       **kwargs: Any) -> None:  # fmt: skip
-    # Someone deleted an owned object (or the model's revision went): correct it now, not at the next resync.
+    # A change the index handler found relevant, now in the cache; or someone deleted an owned object (or the
+    # model's revision went): correct it now, not at the next resync.
     ctl = _ctl()
     ctl.attach(kwargs)
     ctl.mark_indexed()
     if event.get("type") == "DELETED":
         ctl.owned_gone(body, _owned_key(namespace, labels))
+    else:
+        ctl.flush(body)
 
 
 @kopf.on.probe(id="reconciles")

@@ -108,3 +108,20 @@ def test_a_model_at_rest_resyncs_slowly_one_acting_on_time_at_the_resync_period(
     ctl.defaults, ctl.runtime = OperatorDefaults(resync_seconds=10), Runtime(idle_resync_seconds=300)
     model = {"spec": {"rollout": {"strategy": strategy}}}
     assert ctl._resync_after(model, counts) == expected
+
+
+def test_a_trigger_is_queued_only_once_the_cache_holds_the_new_state() -> None:
+    """Kopf stores an index value after the index handler returns: queueing from there let a worker reconcile the
+    old state (and miss the change until a resync). The object's event handler, which runs after, queues it."""
+    from recserve_operator.workqueue import WorkQueue
+
+    ctl = handlers.Controller.__new__(handlers.Controller)
+    ctl.queue, ctl.seen, ctl.signatures, ctl.pending = WorkQueue(), {}, {}, {}
+    ctl.reconciler = type("R", (), {"is_own_write": staticmethod(lambda *a: False)})()  # type: ignore[assignment]
+    dep = _deployment(ready=1)
+    ctl.owned_seen("Deployment", dep, dep, ("ns", "m"))
+    assert len(ctl.queue) == 0 and ctl.pending
+    ctl.flush(dep)
+    assert len(ctl.queue) == 1 and not ctl.pending
+    ctl.owned_seen("Deployment", dep, dep, ("ns", "m"))  # the same state again: nothing to do
+    assert not ctl.pending

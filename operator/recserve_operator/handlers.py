@@ -358,8 +358,12 @@ class Controller:
         if live is None:
             return
         model = live.model(*key)
-        if model is None or model["metadata"].get("deletionTimestamp"):
+        if model is None:
+            if key in self.signatures:  # seen, not in the cache (yet): look again rather than drop it
+                self.queue.add_after(key, 1.0)
             return  # deleted: nothing to reconcile (model_gone forgot it)
+        if model["metadata"].get("deletionTimestamp"):
+            return
         try:
             with live.snapshot():
                 counts = run(self.reconciler, model)

@@ -278,8 +278,8 @@ def _shadow_locations(shadow: Shadow | None) -> tuple[Block, ...]:
             d("proxy_http_version", "1.1"),
             d("proxy_set_header", "Connection", '""'),
             d("proxy_connect_timeout", "100ms"),
-            d("proxy_send_timeout", "1s"),
-            d("proxy_read_timeout", "1s"),
+            d("proxy_send_timeout", "200ms"),
+            d("proxy_read_timeout", "200ms"),
         ),
     )
 

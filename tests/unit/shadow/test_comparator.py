@@ -293,3 +293,38 @@ def test_the_intake_answers_pipelined_requests_and_refuses_what_it_cannot_frame(
             while chunk := sock.recv(4096):
                 reply += chunk
         assert reply.startswith(b"HTTP/1.1 400")
+
+
+@needs_nginx
+def test_behind_nginx_a_hung_comparator_fails_no_user_request(tmp_path: Path) -> None:
+    """A comparator that accepts and never answers: nginx gives the mirror up after its timeout; users still get
+    every answer (delayed by at most that timeout on a keep-alive connection)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # read nothing, answer nothing
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        with servers(Backend("same"), Backend("same"), None) as s, \
+                nginx(tmp_path, s, 100, listener.getsockname()[1]) as url:  # fmt: skip
+            assert users(url, 10) == [(200, "same", TOP)] * 10
+        assert held, "nginx never reached the hung comparator"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()

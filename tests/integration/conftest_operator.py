@@ -8,7 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +215,63 @@ def recserve(cluster: Cluster, *args: str, kubeconfig: Path | None = None) -> su
                          env=plugin_env(cluster, kubeconfig))  # fmt: skip
     assert "Traceback" not in out.stderr, out.stderr
     return out
+
+
+class FakePrometheus:
+    """A Prometheus HTTP API on 127.0.0.1 whose answers a test sets (`mode`), for canaries on kwok pods:
+
+    "healthy": the candidate served 1000 requests with no failure and a 5 ms p99 (every guardrail passes);
+    "garbage": HTTP 200 with an HTML body; "wrong-shape": JSON that is not an instant vector;
+    stopped (`stop()`): nothing listens on its port, connection refused. `start()` again serves the same port.
+    """
+
+    ANSWERS = {"nv_inference_request_success": "1000", "nv_inference_request_failure": "0",
+               "nv_inference_request_summary_us": "5000", "nv_inference_request_duration_us": "5000"}  # fmt: skip
+
+    def __init__(self, mode: str = "healthy") -> None:
+        self.mode = mode
+        self.port = free_port()
+        self.queries = 0
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _answer(self, query: str) -> tuple[int, str, bytes]:
+        if self.mode == "garbage":
+            return 200, "text/html", b"<html><body>502 Bad Gateway (upstream said: oops)</body></html>"
+        if self.mode == "wrong-shape":
+            body = {"status": "success", "data": {"resultType": "matrix", "result": "not a list"}}
+            return 200, "application/json", json.dumps(body).encode()
+        value = next((v for metric, v in self.ANSWERS.items() if metric in query), None)
+        result = [] if value is None else [{"metric": {}, "value": [time.time(), value]}]
+        body = {"status": "success", "data": {"resultType": "vector", "result": result}}
+        return 200, "application/json", json.dumps(body).encode()
+
+    def start(self) -> FakePrometheus:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("query", [""])[0]
+                fake.queries += 1
+                code, kind, body = fake._answer(query)
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -79,6 +79,27 @@ _QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei
 EventFn = Callable[[str, str, str], None]  # (type "Normal"|"Warning", reason, message)
 
 
+class _SharedDict(dict):  # type: ignore[type-arg]
+    """A dict several reconcile threads write: `items()` is a snapshot taken under a lock that every write takes
+    (iterating a plain dict while another worker adds to it raises "dictionary changed size during iteration")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        with self._lock:
+            super().__setitem__(key, value)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        with self._lock:
+            return super().pop(key, *default)
+
+    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
+        with self._lock:
+            return list(super().items())
+
+
 class LiveState(Protocol):
     """Read access to the watch caches of owned objects (Kopf indices in the operator, dicts in tests)."""
 
@@ -93,7 +114,7 @@ class Reconciler:
     _locks: defaultdict[tuple[str, str], threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
     _guard: threading.Lock = field(default_factory=threading.Lock)
     # Our own writes are newer than the watch caches until their events arrive: remember them.
-    _applied: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    _applied: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=_SharedDict)
     _status: dict[str, dict[str, Any]] = field(default_factory=dict)
     _sm_checked: tuple[float, bool] = (0.0, False)
     _providers: dict[str, MetricsProvider] = field(default_factory=dict)

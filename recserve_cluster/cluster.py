@@ -353,6 +353,11 @@ class KwokProvider:
             # The default /24 runs out at ~250 Services; the operator benchmark creates hundreds.
             "--extra-args", "kube-apiserver=service-cluster-ip-range=10.96.0.0/16",
             "--extra-args", "kube-controller-manager=service-cluster-ip-range=10.96.0.0/16",
+            # One instance of each needs no leader election; with it, an API server or etcd restart longer than
+            # the renew deadline makes both exit ("leaderelection lost"), and nothing here restarts them as a
+            # kubelet restarts static pods (tests/integration/test_faults_control_plane.py restarts both).
+            "--extra-args", "kube-controller-manager=leader-elect=false",
+            "--extra-args", "kube-scheduler=leader-elect=false",
         ]
         for arg in extra:
             cmd += ["--extra-args", arg]

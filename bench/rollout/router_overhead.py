@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,36 +21,12 @@ from recserve_operator.rollout.policy import RoutingPolicy  # noqa: E402
 from recserve_operator.rollout.state import Phase, RolloutState  # noqa: E402
 from recserve_operator.routers.plan import build_traffic_plan  # noqa: E402
 
+from bench.rollout.latency import Client, percentiles  # noqa: E402
 from model_repo_builder.triton_local import TritonServer, free_ports  # noqa: E402
 from recserve_cluster.dataplane import Nginx  # noqa: E402
-from tests.dataplane.harness import MODEL, infer_body, write_scorer_repo  # noqa: E402
+from tests.dataplane.harness import MODEL, write_scorer_repo  # noqa: E402
 
 TARGETS = ("direct", "nginx-stable", "nginx-50/50")
-
-
-class Client:
-    """One keep-alive HTTP/1.1 connection; `call` returns the request's latency in milliseconds."""
-
-    def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        self.path = f"/v2/models/{MODEL}/infer"
-
-    def call(self, user: int) -> float:
-        body = json.dumps(infer_body(user))
-        headers = {"Content-Type": "application/json", "x-user-id": f"user-{user}"}
-        t0 = time.perf_counter()
-        self.conn.request("POST", self.path, body=body, headers=headers)
-        resp = self.conn.getresponse()
-        data = resp.read()
-        elapsed = (time.perf_counter() - t0) * 1000.0
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
-        return elapsed
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    arr = np.asarray(samples)
-    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
 
 
 def nginx_for(workdir: Path, revisions: dict[str, int], address: str) -> Nginx:
@@ -86,7 +60,11 @@ def run(rounds: int, n: int, warmup: int) -> dict[str, Any]:
         stops.append(single.stop)
         split = nginx_for(workdir / "nginx-split", {"rev-a": 0, "rev-b": 50}, address)
         stops.append(split.stop)
-        clients = {"direct": Client(http_port), "nginx-stable": Client(single.port), "nginx-50/50": Client(split.port)}
+        clients = {
+            "direct": Client(http_port, sticky=True),
+            "nginx-stable": Client(single.port, sticky=True),
+            "nginx-50/50": Client(split.port, sticky=True),
+        }
         for client in clients.values():
             for i in range(warmup):
                 client.call(i)

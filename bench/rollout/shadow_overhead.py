@@ -16,7 +16,6 @@ compared and dropped in that time (its sustainable rate against the router's).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import shutil
 import statistics
@@ -41,31 +40,13 @@ from recserve_operator.rollout.state import Phase, RolloutState  # noqa: E402
 from recserve_operator.routers.builtin import render_local_nginx_conf  # noqa: E402
 from recserve_operator.routers.plan import build_traffic_plan  # noqa: E402
 
+from bench.rollout.latency import Client, percentiles  # noqa: E402
 from model_repo_builder.triton_local import TritonServer, free_ports  # noqa: E402
 from recserve_cluster.dataplane import NGINX, wait_until  # noqa: E402
-from tests.dataplane.harness import MODEL, infer_body, write_scorer_repo  # noqa: E402
+from tests.dataplane.harness import MODEL, write_scorer_repo  # noqa: E402
 
 TARGETS = ("stable-only", "shadow-10%", "shadow-100%")
 PERCENT = {"stable-only": 0, "shadow-10%": 10, "shadow-100%": 100}
-
-
-class Client:
-    """One keep-alive HTTP/1.1 connection; `call` returns the request's latency in milliseconds."""
-
-    def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        self.path = f"/v2/models/{MODEL}/infer"
-
-    def call(self, user: int) -> float:
-        body = json.dumps(infer_body(user))
-        t0 = time.perf_counter()
-        self.conn.request("POST", self.path, body=body, headers={"Content-Type": "application/json"})
-        resp = self.conn.getresponse()
-        data = resp.read()
-        elapsed = (time.perf_counter() - t0) * 1000.0
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
-        return elapsed
 
 
 def start_nginx(workdir: Path, percent: int, triton: str, intake: str) -> tuple[int, subprocess.Popen[bytes]]:
@@ -93,11 +74,6 @@ def comparator_counts(metrics_port: int) -> dict[str, float]:
             elif s.name == "recserve_shadow_mirrored_total":
                 out["mirrored"] = s.value
     return out
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    arr = np.asarray(samples)
-    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
 
 
 def throughput(port: int, threads: int, seconds: float) -> tuple[float, int]:

@@ -156,9 +156,9 @@ def test_install_upgrade_and_uninstall_keep_the_crd_and_the_users_models(
     assert second["spec"]["template"]["metadata"]["annotations"]["checksum/defaults"] != first_checksum
     env = {e["name"]: e.get("value") for e in second["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["RECSERVE_LEADER_ELECTION"] == "true"
-    # The replicas elect their leader on the chart's Lease, with the chart's RBAC.
-    wait_for(lambda: ((_get(cluster, "lease", f"{fullname}-operator", "-n", namespace) or {}).get("spec") or {})
-             .get("holderIdentity"), 60, message="no replica holds the leader-election Lease")  # fmt: skip
+    assert env["RECSERVE_LEASE_NAME"] == f"{fullname}-operator"
+    # These pods land on kwok nodes and run nothing: the election itself is tested with operator processes
+    # (test_operator_takeover.py), the chart's Lease RBAC below (test_the_operator_works_as_the_chart_...).
     pods = _get(cluster, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release.name}")["items"]
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")
             and p["metadata"]["labels"].get("app.kubernetes.io/component") != "model-store"]  # fmt: skip

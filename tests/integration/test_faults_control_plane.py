@@ -119,14 +119,16 @@ def test_kube_apiserver_and_etcd_restarted_mid_rollout_the_operator_survives_and
         _alive(operator)
     router = get_json(cluster, "configmap", "cp-router", "-n", namespace)
     assert router is not None and obj["status"]["stable"]["revision"] in router["data"]["plan.json"]
-    # The superseded revision drains once the router serves the promoted plan, a moment after the promotion.
-    expected = sorted(["cp-router", f"cp-{before['revision']}"])
+    assert get_json(cluster, "deployment", "cp-router", "-n", namespace) is not None
+    # Revision Deployments (the router's carry instance=cp-router): the superseded one drains once the router
+    # serves the promoted plan, a moment after the promotion.
+    expected = [f"cp-{before['revision']}"]
 
-    def deployments() -> list[str]:
+    def revisions() -> list[str]:
         items = get_json(cluster, "deployments", "-n", namespace, "-l", "app.kubernetes.io/instance=cp")["items"]
         return sorted(d["metadata"]["name"] for d in items if not d["metadata"].get("deletionTimestamp"))
 
-    wait_for(lambda: deployments() == expected, 60, message=f"the Deployments never became {expected}")
+    wait_for(lambda: revisions() == expected, 60, message=f"the revision Deployments never became {expected}")
 
 
 def test_prometheus_answering_garbage_or_unreachable_holds_the_canary_and_the_rollout_resumes_when_it_answers(

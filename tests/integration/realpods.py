@@ -233,3 +233,16 @@ def dashboard_queries(namespace: str, model: str, rate_interval: str = "2m") -> 
 
     return [(panel["title"], fill(t["expr"])) for panel in board["panels"] for t in panel.get("targets", [])
             if t.get("expr")]
+
+
+def save_onnx(graph: Any, path: Path) -> Path:
+    """An opset-13 ONNX model of `graph` (IR 8, which the CPU Triton's ONNX Runtime reads), checked and saved."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

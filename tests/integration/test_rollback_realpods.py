@@ -41,6 +41,7 @@ from tests.integration.realpods import (
     platform_fixture,
     prometheus_query,
     recommender_model,
+    save_onnx,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.realnode]
@@ -106,7 +107,6 @@ while any(t.is_alive() for t in threads):
 
 def write_item_scorer(path: Path, n_items: int, seed: int) -> Path:
     """sigmoid(user · item_table[item_id]): user FP32 [batch, 8], item_id INT64 [batch, 1] -> score [batch, 1]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     table = (np.random.default_rng(seed).normal(size=(n_items, EMBED_DIM)) / np.sqrt(EMBED_DIM)).astype(np.float32)
@@ -122,12 +122,7 @@ def write_item_scorer(path: Path, n_items: int, seed: int) -> Path:
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
         [numpy_helper.from_array(table, "item_table"), numpy_helper.from_array(np.array([1], np.int64), "axes")],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(graph, path)
 
 
 def _spec(version: int) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from tests.integration.realpods import (
     platform_fixture,
     prometheus_query,
     recommender_model,
+    save_onnx,
 )
 from tests.integration.test_rollback_realpods import UNSCHEDULABLE_S, _unschedulable
 
@@ -112,7 +113,6 @@ while any(t.is_alive() for t in threads):
 
 def write_catalogue_ranker(path: Path, table: np.ndarray) -> Path:
     """user FP32 [batch, 8] -> scores FP32 [batch, 10], indices INT64 [batch, 10]: the top 10 of the catalogue."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
@@ -126,12 +126,7 @@ def write_catalogue_ranker(path: Path, table: np.ndarray) -> Path:
         [numpy_helper.from_array(np.ascontiguousarray(table.T), "item_table_t"),
          numpy_helper.from_array(np.array([TOP_K], np.int64), "k")],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(graph, path)
 
 
 def _spec(version: int) -> dict[str, Any]:

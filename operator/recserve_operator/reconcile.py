@@ -638,7 +638,20 @@ def _log_metrics_transition(
 
 
 def _post_transitions(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]], post: EventFn) -> None:
+    for type_, reason, message in transition_events(old, new):
+        post(type_, reason, message)
+
+
+def transition_events(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """The Events a status write announces: a Warning for each condition that turned bad (a failed build, an
+    invalid spec, no GPU, Degraded, metrics gone: each is something to act on), and at most one Normal event for
+    the healthy transitions of the same write (a model coming up turns Ready, ModelRepositoryReady and Progressing
+    at once: one Event, led by Ready's reason, instead of one per condition — Events are API writes, and at fleet
+    scale they were a third of the operator's). "Not yet" conditions and reason-only changes of healthy states are
+    noise and post nothing."""
     before = {x.get("type"): x for x in old}
+    warnings: list[tuple[str, str, str]] = []
+    healthy: list[Mapping[str, Any]] = []
     for cond in new:
         prev = before.get(cond["type"])
         if prev is not None and prev.get("reason") == cond["reason"] and prev.get("status") == cond["status"]:
@@ -649,8 +662,13 @@ def _post_transitions(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[st
             cond["type"] in (c.READY, c.MODEL_REPOSITORY_READY) and cond["status"] == "False"
             and cond["reason"] in (c.BUILD_FAILED, c.FETCH_FAILED, c.INVALID_SPEC, c.INSUFFICIENT_GPU, c.UNSCHEDULABLE)
         )  # fmt: skip
-        if not bad and (prev is None or prev.get("status") == cond["status"]) and cond["status"] != "True":
-            continue  # "not yet" conditions and reason-only changes of healthy states are noise
-        if not bad and prev is not None and prev.get("status") == cond["status"]:
-            continue
-        post("Warning" if bad else "Normal", cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")
+        if bad:
+            warnings.append(("Warning", cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}"))
+        elif cond["status"] == "True" if prev is None else prev.get("status") != cond["status"]:
+            healthy.append(cond)
+    if not healthy:
+        return warnings
+    lead = next((x for x in healthy if x["type"] == c.READY), healthy[0])
+    ordered = [lead, *(x for x in healthy if x is not lead)]
+    message = "; ".join(f"{x['type']}={x['status']}: {x['message']}" for x in ordered)
+    return [*warnings, ("Normal", lead["reason"], message)]

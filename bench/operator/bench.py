@@ -4,6 +4,11 @@ written by both).
 
     python bench/operator/bench.py --sizes 50,500,2000 --steady-seconds 60            # the scale table
     python bench/operator/bench.py --sizes '' --takeover lease                        # takeover only
+    python bench/operator/bench.py --sizes 500 --floor                                # + the control plane's floor
+
+`--floor` also measures, in the same run, what the cluster alone needs for the same work: the objects the operator
+would create for N models (its own builders' output, no owner) applied straight from N/a few client threads, and
+the time until every Deployment is available. The operator's time to Ready cannot beat it on the same cluster.
 
 Each size runs in a fresh namespace under a fresh operator process; the namespace is deleted (and waited for)
 before the next size, so one size's garbage collection does not load the next. Above CPU_NODE_PODS models the
@@ -36,7 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 
 import kubernetes  # noqa: E402
 
-from recserve_cluster.cluster import Cluster, get_provider  # noqa: E402
+from recserve_cluster.cluster import CONTROL_PLANE_COMPONENTS, Cluster, get_provider  # noqa: E402
 from recserve_cluster.nodes import NodeSpec, build_node  # noqa: E402
 from tests.integration.conftest_operator import OperatorProcess, free_port, install_crd  # noqa: E402
 
@@ -120,6 +125,26 @@ def _component_ports() -> dict[str, int]:
                 if arg.startswith(b"--secure-port="):
                     ports[name] = int(arg.split(b"=", 1)[1])
     return ports
+
+
+# The control plane's processes, and those of the real node and its add-ons when the cluster has them (Prometheus
+# discovers and scrapes each model's ServiceMonitor; kubelet and containerd run the add-on pods).
+WATCHED_PROCESSES = (*CONTROL_PLANE_COMPONENTS, "prometheus", "kubelet", "containerd")
+
+
+def _component_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by each local control-plane process (kwok binary runtime): where a run's time goes
+    besides the operator."""
+    out: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            name = Path(args[0].decode(errors="replace")).name if args and args[0] else ""
+            if name in WATCHED_PROCESSES:
+                out[name] = out.get(name, 0.0) + _cpu_s(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _throttled_s() -> dict[str, float]:
@@ -215,20 +240,24 @@ def _burst(cluster: Cluster, op: OperatorProcess, ns: str, n: int, steady_s: flo
     ready: dict[str, float] = {}
 
     # Watch streams record first sight of each Deployment and of phase Ready while models are created in a
-    # burst through the API (no kubectl subprocess between the clock and the request).
+    # burst through the API (no kubectl subprocess between the clock and the request). Raw JSON lines, not the
+    # client's typed models: deserializing thousands of Deployment events would load the machine being measured.
     def watch(list_fn: Any, record: Any, **kw: Any) -> None:
         while not stop.is_set():
-            w = kubernetes.watch.Watch()
             try:
-                for event in w.stream(list_fn, namespace=ns, timeout_seconds=60, **kw):
-                    record(event["object"])
+                resp = list_fn(namespace=ns, watch=True, timeout_seconds=60, _preload_content=False, **kw)
+                for line in resp:
+                    if line.strip():
+                        record(json.loads(line)["object"])
                     if stop.is_set():
-                        w.stop()
-            except Exception:  # a dropped stream: list again (records keep first sight)
+                        resp.close()
+                        break
+            except Exception:  # a dropped stream: watch again (records keep first sight)
                 time.sleep(0.2)
 
-    def on_deployment(obj: Any) -> None:
-        deployed.setdefault(obj.metadata.labels.get("app.kubernetes.io/instance"), time.monotonic())
+    def on_deployment(obj: dict[str, Any]) -> None:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        deployed.setdefault(labels.get("app.kubernetes.io/instance"), time.monotonic())
 
     def on_model(obj: dict[str, Any]) -> None:
         if (obj.get("status") or {}).get("phase") == "Ready":
@@ -246,7 +275,7 @@ def _burst(cluster: Cluster, op: OperatorProcess, ns: str, n: int, steady_s: flo
     for t in threads:
         t.start()
     time.sleep(1.0)  # let both watches establish before the first create
-    throttled0 = _throttled_s()
+    throttled0, components0, bench0 = _throttled_s(), _component_cpu_s(), time.process_time()
     applied: dict[str, float] = {}
     start = time.monotonic()
     for name in names:
@@ -262,7 +291,7 @@ def _burst(cluster: Cluster, op: OperatorProcess, ns: str, n: int, steady_s: flo
     busy_cpu = _cpu_s(op.pid) - cpu0
     busy_wall = time.monotonic() - start
     rss_loaded = _rss_kib(op.pid)
-    throttled1 = _throttled_s()
+    throttled1, components1, bench_cpu = _throttled_s(), _component_cpu_s(), time.process_time() - bench0
     stop.set()
     metrics = op.metrics() or {}
     reconciles = metrics.get("recserve_reconciles_total", 0.0)
@@ -297,11 +326,88 @@ def _burst(cluster: Cluster, op: OperatorProcess, ns: str, n: int, steady_s: flo
         "reconciles_per_model": reconciles / n,
         "reconciles_per_minute_steady": (after.get("recserve_reconciles_total", 0.0) - reconciles0) * 60 / window,
         "api_requests": requests,
+        # What queued the reconciles (watch events by kind, the model itself, deletions; resyncs are not adds).
+        "queue_adds": {k: v for k, v in metrics.items() if k.startswith("recserve_workqueue_adds_total")},
         "api_requests_per_reconcile": sum(requests.values()) / reconciles if reconciles else None,
         "writes_until_ready": _writes(requests),
         "steady_writes_per_minute": steady_writes * 60 / window,
         "control_plane_client_throttled_s": {k: v - throttled0.get(k, 0.0) for k, v in throttled1.items()},
+        "cpu_s_until_ready": {"operator": busy_cpu, "benchmark": bench_cpu,
+                              **{k: v - components0.get(k, 0.0) for k, v in components1.items()}},
     }
+
+
+# -- the control plane's floor: the operator's objects applied without the operator ------------------------------
+
+
+def floor(cluster: Cluster, n: int, threads: int = 8) -> dict[str, Any]:
+    """The objects the operator creates for n models (its builders' output for the benchmark's spec, without an
+    owner reference), server-side applied from `threads` client threads as fast as the API server takes them, in
+    the operator's order (ConfigMap, Deployment, Services, PodDisruptionBudget): seconds until every Deployment is
+    available, and apply -> Deployment created p50/p99. No reconciles, status writes or events: what the cluster
+    itself needs for the same pods."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recserve_operator.builders.common import Ids
+    from recserve_operator.builders.configmap import build_configmap
+    from recserve_operator.builders.deployment import build_deployment
+    from recserve_operator.builders.pdb import build_pdb
+    from recserve_operator.builders.service import build_revision_service, build_stable_service
+    from recserve_operator.kube import Kube
+    from recserve_operator.settings import OperatorDefaults
+    from recserve_operator.spec import parse_spec, revision_of
+
+    ns = f"bench-floor-{n}-{int(time.time())}"
+    cluster.kubectl("create", "namespace", ns)
+    defaults = OperatorDefaults.from_env({"RECSERVE_TRITON_IMAGE": "nvcr.io/nvidia/tritonserver:25.10-py3"})
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(str(cluster.kubeconfig), client_configuration=configuration)
+    configuration.connection_pool_maxsize = threads + 2
+    kube = Kube(kubernetes.client.ApiClient(configuration))
+
+    def objects(name: str) -> list[dict[str, Any]]:
+        spec = parse_spec(_model(name)["spec"])
+        ids = Ids(name, ns, "00000000-0000-0000-0000-000000000000", revision_of(spec))
+        objs = [build_configmap(spec, ids), build_deployment(spec, ids, defaults), build_revision_service(spec, ids),
+                build_pdb(spec, ids), build_stable_service(spec, ids)]  # fmt: skip
+        for obj in objs:
+            obj["metadata"].pop("ownerReferences", None)
+        return objs
+
+    names = [f"f-{i:04d}" for i in range(n)]
+    planned = {name: objects(name) for name in names}
+    applied: dict[str, float] = {}
+    created: dict[str, float] = {}
+
+    def apply(name: str) -> None:
+        applied[name] = time.monotonic()
+        for obj in planned[name]:
+            kube.apply(obj)
+            if obj["kind"] == "Deployment":
+                created[name] = time.monotonic()
+
+    api = kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
+    apps = kubernetes.client.AppsV1Api(api)
+    result: dict[str, Any] = {"models": n, "threads": threads}
+    try:
+        with _capacity(cluster, n):
+            start = time.monotonic()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(apply, names))
+            result["applied_in_s"] = time.monotonic() - start
+
+            def available() -> int:
+                items = apps.list_namespaced_deployment(ns, _preload_content=False)
+                deps = json.loads(items.data)["items"]
+                return sum(1 for d in deps if (d.get("status") or {}).get("availableReplicas", 0) >= 1)
+
+            done = _wait(lambda: available() >= n, 900, 0.5)
+            result["all_available_s"] = time.monotonic() - start if done else None
+            result["apply_to_deployment_s"] = _summary([created[m] - applied[m] for m in names if m in created])
+            result["writes"] = sum(kube.requests.values())
+    finally:
+        _delete_namespace(cluster, ns)
+    return result
 
 
 # -- two replicas: takeover ------------------------------------------------------------------------------------
@@ -436,7 +542,8 @@ def takeover(cluster: Cluster, mode: str, models: int = 20, timeout: float = 180
 
 
 def run(sizes: list[int], steady_s: float, out: Path | None, *, keep_cluster: bool = False,
-        takeover_modes: list[str] | None = None, takeover_models: int = 20) -> dict[str, Any]:  # fmt: skip
+        takeover_modes: list[str] | None = None, takeover_models: int = 20,
+        with_floor: bool = False) -> dict[str, Any]:  # fmt: skip
     """Measure each size (and the takeover); a cluster this run brought up is taken down again (unless
     keep_cluster), so nothing it started (kube-apiserver, etcd, kwok, the real node) outlives the benchmark."""
     provider = get_provider()
@@ -448,6 +555,7 @@ def run(sizes: list[int], steady_s: float, out: Path | None, *, keep_cluster: bo
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
         "results": [],
         "takeover": [],
+        "floor": [],
     }
     try:
         install_crd(cluster)
@@ -462,6 +570,10 @@ def run(sizes: list[int], steady_s: float, out: Path | None, *, keep_cluster: bo
             if out:
                 _write(out, report)
         for i, n in enumerate(sizes):
+            if with_floor:
+                f = floor(cluster, n)
+                print(json.dumps(f), flush=True)
+                report["floor"].append(f)
             r = measure(cluster, n, steady_s, wait_deleted=i < len(sizes) - 1)
             print(json.dumps(r), flush=True)
             report["results"].append(r)
@@ -496,6 +608,11 @@ def _print(report: dict[str, Any]) -> None:
             f" {r['operator_cpu_cores_until_ready'] or 0:>5.2f} {r['api_requests_per_reconcile'] or 0:>7.2f}"
             f" {r['steady_writes_per_minute']:>15.1f}"
         )
+    for f in report["floor"]:
+        d = f["apply_to_deployment_s"]
+        print(f"floor ({f['models']} models' objects applied without the operator, {f['threads']} threads): every"
+              f" Deployment available {f['all_available_s']} s, apply -> Deployment p50/p99 {d.get('p50', 0):.2f}/"
+              f"{d.get('p99', 0):.2f} s, {f['writes']} writes")
     for t in report["takeover"]:
         print(
             f"takeover ({t['mode']}, {t['models']} models): standby's first write {t.get('standby_first_write_s')}"
@@ -513,6 +630,7 @@ def main() -> None:
     parser.add_argument("--keep-cluster", action="store_true", help="leave a cluster this run started running")
     parser.add_argument("--takeover", default="", help="comma-separated: lease (leader election), peering (Kopf)")
     parser.add_argument("--takeover-models", type=int, default=20)
+    parser.add_argument("--floor", action="store_true", help="also measure the control plane alone (see above)")
     args = parser.parse_args()
     # Stopped by a signal (even from a background shell, which ignores SIGINT): still run the cleanup (operator
     # processes, namespaces, the benchmark's node, a cluster it brought up).
@@ -525,6 +643,7 @@ def main() -> None:
         keep_cluster=args.keep_cluster,
         takeover_modes=[m for m in args.takeover.split(",") if m],
         takeover_models=args.takeover_models,
+        with_floor=args.floor,
     )
 
 

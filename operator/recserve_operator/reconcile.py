@@ -79,25 +79,59 @@ _QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei
 EventFn = Callable[[str, str, str], None]  # (type "Normal"|"Warning", reason, message)
 
 
-class _SharedDict(dict):  # type: ignore[type-arg]
-    """A dict several reconcile threads write: `items()` is a snapshot taken under a lock that every write takes
-    (iterating a plain dict while another worker adds to it raises "dictionary changed size during iteration")."""
+class _AppliedObjects:
+    """The operator's own writes, newer than the watch caches until their events arrive, shared by the reconcile
+    threads (under one lock). Indexed by object, for the watch's "only our own write" check, and by model, so a
+    reconcile reads its own model's writes: scanning every model's writes at each read made a reconcile's cost grow
+    with the fleet (at 2,000 models the operator spent a core on it, 6.5 CPU-minutes for 1,500 new models)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._lock = threading.Lock()
+        self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind, namespace, name) -> object
+        self._by_model: dict[tuple[str, str | None], set[tuple[str, str, str]]] = {}  # (namespace, model) -> keys
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        with self._lock:
-            super().__setitem__(key, value)
+    @staticmethod
+    def _model(key: tuple[str, str, str], obj: Mapping[str, Any]) -> tuple[str, str | None]:
+        return key[1], model_of((obj.get("metadata") or {}).get("labels") or {})
 
-    def pop(self, key: Any, *default: Any) -> Any:
+    def put(self, key: tuple[str, str, str], obj: dict[str, Any]) -> None:
         with self._lock:
-            return super().pop(key, *default)
+            self._unlink(key)
+            self._objects[key] = obj
+            self._by_model.setdefault(self._model(key, obj), set()).add(key)
 
-    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
+    def get(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
         with self._lock:
-            return list(super().items())
+            return self._objects.get(key)
+
+    def pop(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
+        with self._lock:
+            return self._unlink(key)
+
+    def _unlink(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
+        obj = self._objects.pop(key, None)
+        if obj is not None:
+            owner = self._model(key, obj)
+            keys = self._by_model.get(owner)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_model[owner]
+        return obj
+
+    def of_model(self, kind: str, namespace: str, model: str) -> list[tuple[tuple[str, str, str], dict[str, Any]]]:
+        with self._lock:
+            keys = self._by_model.get((namespace, model), ())
+            return [(key, self._objects[key]) for key in keys if key[0] == kind]
+
+    def forget_model(self, namespace: str, model: str) -> None:
+        with self._lock:
+            for key in self._by_model.pop((namespace, model), set()):
+                self._objects.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._objects)
 
 
 class LiveState(Protocol):
@@ -114,7 +148,7 @@ class Reconciler:
     _locks: defaultdict[tuple[str, str], threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
     _guard: threading.Lock = field(default_factory=threading.Lock)
     # Our own writes are newer than the watch caches until their events arrive: remember them.
-    _applied: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=_SharedDict)
+    _applied: _AppliedObjects = field(default_factory=_AppliedObjects)
     _status: dict[str, dict[str, Any]] = field(default_factory=dict)
     _sm_checked: tuple[float, bool] = (0.0, False)
     _providers: dict[str, MetricsProvider] = field(default_factory=dict)
@@ -132,9 +166,7 @@ class Reconciler:
             if uid:
                 self._status.pop(uid, None)
                 self._routes_dropped.discard(uid)
-            for key, obj in list(self._applied.items()):
-                if key[1] == namespace and model_of(obj["metadata"].get("labels") or {}) == name:
-                    self._applied.pop(key, None)
+            self._applied.forget_model(namespace, name)
             self._verified.pop(("ServiceMonitor", namespace, name), None)
 
     def is_own_write(self, kind: str, namespace: str, name: str, resource_version: str | None) -> bool:
@@ -170,14 +202,12 @@ class Reconciler:
 
     def _live(self, kind: str, namespace: str, name: str) -> list[dict[str, Any]]:
         objs = {o["metadata"]["name"]: o for o in self.live.owned(kind, namespace, name)}
-        for (k, ns, obj_name), applied in list(self._applied.items()):
-            if k != kind or ns != namespace or model_of(applied["metadata"].get("labels") or {}) != name:
-                continue
+        for (k, ns, obj_name), applied in self._applied.of_model(kind, namespace, name):
             cached = objs.get(obj_name)
             if cached is None or _rv(cached) < _rv(applied):
                 objs[obj_name] = applied
             else:
-                self._applied.pop((k, ns, obj_name), None)  # the watch caught up
+                self._applied.pop((k, ns, obj_name))  # the watch caught up
         return list(objs.values())
 
     def _reconcile(self, body: Mapping[str, Any], post: EventFn, now: datetime) -> dict[str, int]:
@@ -423,7 +453,7 @@ class Reconciler:
         if patched is None:
             return False
         patched.get("metadata", {}).pop("managedFields", None)
-        self._applied[("Deployment", ids.namespace, ids.revision_name)] = patched
+        self._applied.put(("Deployment", ids.namespace, ids.revision_name), patched)
         logger.info("Scaled Deployment namespace=%s name=%s revision=%s replicas=%s->%s", ids.namespace,
                     ids.revision_name, ids.revision, before, replicas)  # fmt: skip
         telemetry.APPLIES.labels(kind="Deployment").inc()
@@ -454,7 +484,7 @@ class Reconciler:
         applied = self.kube.apply(obj)
         applied.get("metadata", {}).pop("managedFields", None)
         if indexed:
-            self._applied[(kind, meta["namespace"], meta["name"])] = applied
+            self._applied.put((kind, meta["namespace"], meta["name"]), applied)
         verb = "Created" if live is None else "Updated"
         logger.info(
             "%s %s namespace=%s name=%s revision=%s", verb, kind, meta["namespace"], meta["name"],
@@ -517,7 +547,7 @@ class Reconciler:
         if deleted:
             revision = (meta.get("labels") or {}).get(REVISION_LABEL, "-")
             logger.info("Deleted %s namespace=%s name=%s revision=%s", kind, namespace, meta["name"], revision)
-        self._applied.pop((kind, namespace, meta["name"]), None)
+        self._applied.pop((kind, namespace, meta["name"]))
         return int(deleted)
 
     def _write_status(

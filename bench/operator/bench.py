@@ -257,7 +257,7 @@ def _burst(cluster: Cluster, op: OperatorProcess, ns: str, n: int, steady_s: flo
 
     def on_deployment(obj: dict[str, Any]) -> None:
         labels = (obj.get("metadata") or {}).get("labels") or {}
-        deployed.setdefault(labels.get("app.kubernetes.io/instance"), time.monotonic())
+        deployed.setdefault(str(labels.get("app.kubernetes.io/instance")), time.monotonic())
 
     def on_model(obj: dict[str, Any]) -> None:
         if (obj.get("status") or {}).get("phase") == "Ready":
@@ -363,7 +363,8 @@ def floor(cluster: Cluster, n: int, threads: int = 8) -> dict[str, Any]:
     configuration = kubernetes.client.Configuration()
     kubernetes.config.load_kube_config(str(cluster.kubeconfig), client_configuration=configuration)
     configuration.connection_pool_maxsize = threads + 2
-    kube = Kube(kubernetes.client.ApiClient(configuration))
+    client = kubernetes.client.ApiClient(configuration)
+    kube = Kube(client)
 
     def objects(name: str) -> list[dict[str, Any]]:
         spec = parse_spec(_model(name)["spec"])
@@ -386,8 +387,7 @@ def floor(cluster: Cluster, n: int, threads: int = 8) -> dict[str, Any]:
             if obj["kind"] == "Deployment":
                 created[name] = time.monotonic()
 
-    api = kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
-    apps = kubernetes.client.AppsV1Api(api)
+    apps = kubernetes.client.AppsV1Api(client)
     result: dict[str, Any] = {"models": n, "threads": threads}
     try:
         with _capacity(cluster, n):

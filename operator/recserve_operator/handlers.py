@@ -319,8 +319,10 @@ class Controller:
         self.signatures.pop(key, None)
         self.pending.pop(uid or "", None)
         self.queue.discard(key)
-        # Children go with garbage collection (owner references); only forget our memory of the model.
+        # Children go with garbage collection (owner references); only forget our memory of the model. A worker
+        # then sees the key without a model and removes what the namespace no longer needs (_process).
         self.reconciler.forget(namespace, name, uid)
+        self.enqueue(key, "deleted")
 
     def owned_seen(self, kind: str, body: Mapping[str, Any], slim: Mapping[str, Any], key: Key | None) -> None:
         meta = body.get("metadata") or {}
@@ -361,7 +363,9 @@ class Controller:
         if model is None:
             if key in self.signatures:  # seen, not in the cache (yet): look again rather than drop it
                 self.queue.add_after(key, 1.0)
-            return  # deleted: nothing to reconcile (model_gone forgot it)
+            else:  # deleted (model_gone forgot it): nothing to reconcile
+                self._model_deleted(live, key)
+            return
         if model["metadata"].get("deletionTimestamp"):
             return
         try:
@@ -382,6 +386,20 @@ class Controller:
             return
         self.queue.forget(key)
         self.queue.add_after(key, self._resync_after(model, counts))
+
+    def _model_deleted(self, live: IndexedLive, key: Key) -> None:
+        namespace = key[0]
+        if any(ns == namespace for ns, _ in live.model_keys()):
+            return
+        try:
+            self.reconciler.namespace_emptied(namespace)
+        except NotLeading:
+            return
+        except (ApiException, *NETWORK_ERRORS) as exc:
+            delay = self.queue.add_rate_limited(key)
+            logger.warning("Cleanup failed, retrying in %.0fs namespace=%s error=%s", delay, namespace, exc)
+            return
+        self.queue.forget(key)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 

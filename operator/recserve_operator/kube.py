@@ -143,6 +143,17 @@ class Kube:
             raise
         return result
 
+    def list_objects(self, resource: Resource, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The objects of one kind in a namespace matching a label selector (one request: kinds nothing watches)."""
+        try:
+            result = self._request("list", "GET", resource.path(namespace), query=[("labelSelector", label_selector)])
+        except ApiException as exc:
+            if exc.status == 404:
+                return []
+            raise
+        items: list[dict[str, Any]] = (result or {}).get("items") or []
+        return items
+
     def exists(self, path: str) -> bool:
         """Whether an API path (e.g. a group version) is served: optional integrations probe this."""
         try:

@@ -20,6 +20,9 @@ MODEL_LABEL = "recserve.dev/model"
 # The label the ServiceMonitor gives every scraped series for the pod's REVISION_LABEL; rollout queries,
 # the Grafana dashboard and the adapter rule select by it.
 SERIES_REVISION_LABEL = "revision"
+# The one ServiceMonitor per namespace that scrapes every revision Service of every model there (no model owns it:
+# it carries no instance label, so no model's name can collide with it).
+REVISIONS_SERVICEMONITOR = "recserve-revisions"
 
 LABEL_VALUE_MAX = 63  # Kubernetes label values, and the names that become one
 

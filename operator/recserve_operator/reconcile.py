@@ -26,7 +26,12 @@ from recserve_operator.builders.hpa import build_hpa
 from recserve_operator.builders.job import build_job
 from recserve_operator.builders.pdb import build_pdb
 from recserve_operator.builders.service import build_revision_service, build_stable_service
-from recserve_operator.builders.servicemonitor import build_servicemonitor, build_shadow_servicemonitor
+from recserve_operator.builders.servicemonitor import (
+    REVISION_SERVICE_LABELS,
+    build_servicemonitor,
+    build_shadow_servicemonitor,
+    is_per_model_servicemonitor,
+)
 from recserve_operator.builders.store import StoreKeysMissing, store_keys_secret
 from recserve_operator.kube import RESOURCES, Kube, resource_of
 from recserve_operator.lifecycle import RouterObservation, TrafficDecision, router_serves
@@ -38,6 +43,7 @@ from recserve_operator.names import (
     MANAGED_BY_LABEL,
     MANAGER,
     REVISION_LABEL,
+    REVISIONS_SERVICEMONITOR,
     ROLLOUT_ACTION_ANNOTATION,
     is_predictor,
     is_router,
@@ -154,6 +160,8 @@ class Reconciler:
     _providers: dict[str, MetricsProvider] = field(default_factory=dict)
     _verified: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict)
     _routes_dropped: set[str] = field(default_factory=set)  # models (uid) asked to drop an HTTPRoute this run
+    # Namespaces whose ServiceMonitors of earlier operator versions (one per model) this process has looked for.
+    _monitors_swept: set[str] = field(default_factory=set)
     _store_source: tuple[float, dict[str, Any] | None] = (-_DISCOVERY_TTL_S, None)  # (read at, source Secret)
 
     def lock_for(self, namespace: str, name: str) -> threading.Lock:
@@ -167,7 +175,20 @@ class Reconciler:
                 self._status.pop(uid, None)
                 self._routes_dropped.discard(uid)
             self._applied.forget_model(namespace, name)
-            self._verified.pop(("ServiceMonitor", namespace, name), None)
+
+    def namespace_emptied(self, namespace: str) -> int:
+        """The namespace's last model is gone: delete its revisions' ServiceMonitor (no model owns it)."""
+        with self._guard:
+            self._verified.pop(("ServiceMonitor", namespace, REVISIONS_SERVICEMONITOR), None)
+        if not self.servicemonitor_supported():
+            return 0
+        deleted = self.kube.delete("ServiceMonitor", namespace, REVISIONS_SERVICEMONITOR)
+        with self._guard:  # a model created meanwhile verifies (and recreates) it at its next reconcile
+            self._verified.pop(("ServiceMonitor", namespace, REVISIONS_SERVICEMONITOR), None)
+        if deleted:
+            logger.info("Deleted ServiceMonitor namespace=%s name=%s (no model left)", namespace,
+                        REVISIONS_SERVICEMONITOR)  # fmt: skip
+        return int(deleted)
 
     def is_own_write(self, kind: str, namespace: str, name: str, resource_version: str | None) -> bool:
         """Whether a watch event only shows this operator's own last write (the reconcile that made it already
@@ -255,7 +276,7 @@ class Reconciler:
         desired = self._desired_revision(spec, ids, decision, latest) if ids.revision in decision.keep else []
         desired.append(build_stable_service(spec, ids.at(decision.stable)))
         if self.servicemonitor_supported():
-            desired.append(build_servicemonitor(spec, ids))
+            desired.append(build_servicemonitor(ids.namespace))
             if spec.rollout.shadow is not None and spec.rollout.routing.provider is RoutingProvider.BUILTIN:
                 desired.append(build_shadow_servicemonitor(ids))
         return [*desired, *plan.router_objects]
@@ -264,7 +285,7 @@ class Reconciler:
         namespace, name = ctx.ids.namespace, ctx.ids.name
         applied = sum(self._apply_if_changed(obj) for obj in desired)
         applied += self._scale_kept(ctx.spec, ctx.ids, plan.traffic)
-        deleted = self._delete_routers(ctx, plan)
+        deleted = self._delete_routers(ctx, plan) + self._sweep_per_model_monitors(namespace)
         # Revisions the decision dropped go only once the router no longer sends them anything (defect: the
         # old revision deleted in the reconcile that moved traffic failed requests at every promotion).
         if self._router_drained(namespace, name, plan):
@@ -528,6 +549,23 @@ class Reconciler:
             if self.kube.delete("HTTPRoute", namespace, router_name(name)):
                 logger.info("Deleted HTTPRoute namespace=%s name=%s", namespace, router_name(name))
                 deleted += 1
+        return deleted
+
+    def _sweep_per_model_monitors(self, namespace: str) -> int:
+        """Once per namespace and process: delete the per-model ServiceMonitors of earlier versions (the namespace's
+        one replaces them; both would scrape every revision twice and double every rate the rollouts compare)."""
+        if namespace in self._monitors_swept or not self.servicemonitor_supported():
+            return 0
+        selector = ",".join(f"{k}={v}" for k, v in REVISION_SERVICE_LABELS.items())
+        deleted = 0
+        for monitor in self.kube.list_objects(RESOURCES["ServiceMonitor"], namespace, selector):
+            if is_per_model_servicemonitor(monitor):
+                meta = monitor["metadata"]
+                if self.kube.delete("ServiceMonitor", namespace, meta["name"], meta.get("uid")):
+                    logger.info("Deleted ServiceMonitor namespace=%s name=%s (per model, replaced by %s)",
+                                namespace, meta["name"], REVISIONS_SERVICEMONITOR)  # fmt: skip
+                    deleted += 1
+        self._monitors_swept.add(namespace)
         return deleted
 
     def _delete_outside(self, namespace: str, name: str, keep: frozenset[str]) -> int:

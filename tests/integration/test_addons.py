@@ -134,7 +134,7 @@ def triton_standin(installed: Cluster, namespace: str) -> Iterator[tuple[Ids, An
     spec = _spec(queue_target_us=100)
     ids = Ids(name="ctr", namespace=namespace, uid="00000000-0000-0000-0000-000000000001", revision="r1")
     _apply(installed, _exporter_deployment(ids), _unowned(build_revision_service(spec, ids)),
-           _unowned(build_servicemonitor(spec, ids)))
+           _unowned(build_servicemonitor(ids.namespace)))
     installed.kubectl("rollout", "status", f"deployment/{ids.revision_name}", "-n", namespace, "--timeout=120s",
                       timeout=150)
     yield ids, spec

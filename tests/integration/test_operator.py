@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from recserve_operator.names import REVISIONS_SERVICEMONITOR
 
 from recserve_cluster import nodeconfig as nc
 from recserve_cluster import volumes
@@ -98,9 +99,11 @@ def test_every_example_reaches_ready_on_the_right_nodes(operator: OperatorProces
     expected_node = NODE_FOR_PRODUCT[product] if product else "cpu-0"
     pods = _pods(cluster, namespace, name)
     assert pods and {p["spec"]["nodeName"] for p in pods} == {expected_node}
-    if cluster.kubectl("get", "crd", "servicemonitors.monitoring.coreos.com", check=False).returncode == 0:
-        monitor = get_json(cluster, "servicemonitors.monitoring.coreos.com", name, "-n", namespace)
-        assert monitor and monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    if _servicemonitors_served(cluster):
+        # One ServiceMonitor for the namespace's revisions, none per model.
+        monitors = get_json(cluster, "servicemonitors.monitoring.coreos.com", "-n", namespace)["items"]
+        assert [m["metadata"]["name"] for m in monitors] == [REVISIONS_SERVICEMONITOR]
+        assert monitors[0]["spec"]["endpoints"][0]["port"] == "metrics"
     columns = cluster.kubectl("get", "rm", name, "-n", namespace).stdout
     assert columns.split("\n")[0].split()[:6] == ["NAME", "PHASE", "BACKEND", "STABLE", "CANARY", "READY"]
     assert "Ready" in columns.split("\n")[1]
@@ -265,15 +268,36 @@ def test_drift_in_owned_objects_is_corrected(operator: OperatorProcess, namespac
     )
 
 
+def _servicemonitors_served(cluster: Cluster) -> bool:
+    return cluster.kubectl("get", "crd", "servicemonitors.monitoring.coreos.com", check=False).returncode == 0
+
+
+def _namespace_monitor(cluster: Cluster, namespace: str) -> bool:
+    return cluster.kubectl("get", "servicemonitors.monitoring.coreos.com", REVISIONS_SERVICEMONITOR, "-n", namespace,
+                           check=False).returncode == 0  # fmt: skip
+
+
 def test_deletion_leaves_nothing_behind(operator: OperatorProcess, namespace: str) -> None:
     cluster = operator.cluster
     apply_yaml(cluster, namespace, _small("gone", replicas=2))
+    apply_yaml(cluster, namespace, _small("kept"))
     wait_ready(cluster, namespace, "gone")
+    wait_ready(cluster, namespace, "kept")
+    monitors = _servicemonitors_served(cluster)
+    assert not monitors or _namespace_monitor(cluster, namespace)
     cluster.kubectl("delete", "rm", "gone", "-n", namespace, "--wait=true", timeout=60)
     wait_for(
         lambda: owned(cluster, namespace, "gone") == [] and _pods(cluster, namespace, "gone") == [],
         60,
         message="owned objects survived deletion",
+    )
+    # The namespace's ServiceMonitor serves the model still there, and goes with the last one.
+    assert not monitors or _namespace_monitor(cluster, namespace)
+    cluster.kubectl("delete", "rm", "kept", "-n", namespace, "--wait=true", timeout=60)
+    wait_for(
+        lambda: owned(cluster, namespace, "kept") == [] and not (monitors and _namespace_monitor(cluster, namespace)),
+        60,
+        message="the namespace's last model left objects or its ServiceMonitor behind",
     )
 
 

@@ -10,12 +10,10 @@ from typing import Any
 
 import pytest
 import yaml
-from recserve_operator.builders.common import Ids
 from recserve_operator.builders.hpa import QUEUE_TIME_METRIC
 from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.names import SERIES_REVISION_LABEL
 from recserve_operator.settings import OperatorDefaults
-from recserve_operator.spec import parse_spec
 
 from recserve_cluster import addons, images, tools
 from recserve_cluster import nodeconfig as nc
@@ -155,8 +153,7 @@ def _servicemonitor_series_labels() -> set[str]:
     every ServiceMonitor target, Prometheus adds instance, the endpoint's relabelings add their target labels,
     and Triton's per-model counters carry model and version.
     """
-    spec = parse_spec(yaml.safe_load((ROOT / "examples/ctr-dnn/cpu-only.yaml").read_text())["spec"])
-    monitor = build_servicemonitor(spec, Ids(name="ctr", namespace="shop", uid="u", revision="r1"))
+    monitor = build_servicemonitor("shop")
     (endpoint,) = monitor["spec"]["endpoints"]
     assert "targetLabels" not in monitor["spec"] and "podTargetLabels" not in monitor["spec"]
     relabeled = {r["targetLabel"] for r in endpoint["relabelings"]}

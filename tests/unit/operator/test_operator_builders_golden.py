@@ -40,7 +40,7 @@ def _objects(example: str) -> dict[str, Any]:
         "stable-service": build_stable_service(spec, ids),
         "pdb": build_pdb(spec, ids),
         "hpa": build_hpa(spec, ids),
-        "servicemonitor": build_servicemonitor(spec, ids),
+        "servicemonitor": build_servicemonitor(ids.namespace),
     }
 
 

@@ -59,6 +59,13 @@ class FakeKube:
         live["metadata"]["generation"] = live["metadata"].get("generation", 1) + 1
         return copy.deepcopy(live)
 
+    def list_objects(self, resource: Any, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        self.requests["list"] += 1
+        wanted = dict(term.split("=", 1) for term in label_selector.split(","))
+        return [copy.deepcopy(o) for (kind, ns, _), o in self.objects.items()
+                if kind == resource.kind and ns == namespace
+                and wanted.items() <= (o["metadata"].get("labels") or {}).items()]  # fmt: skip
+
     def exists(self, path: str) -> bool:
         self.requests["discovery"] += 1
         return False

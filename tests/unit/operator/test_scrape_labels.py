@@ -14,9 +14,11 @@ from operator_samples import ROOT, example_objects
 from prometheus_client import Counter, Histogram
 from recserve_operator import telemetry
 from recserve_operator.builders.common import Ids, labels
+from recserve_operator.builders.service import build_revision_service, build_stable_service
 from recserve_operator.builders.servicemonitor import build_servicemonitor
 from recserve_operator.metrics.prometheus import REVISION_LABEL, triton_queries
 from recserve_operator.names import REVISION_LABEL as POD_REVISION_LABEL
+from recserve_operator.names import router_labels
 from recserve_operator.spec import parse_spec, revision_of
 
 from recserve_cluster.addons import adapter_config
@@ -84,9 +86,9 @@ def _ids() -> tuple[Any, Ids]:
 
 
 def _target() -> dict[str, str]:
-    spec, ids = _ids()
+    _, ids = _ids()
     pod_labels = labels(ids)
-    return scrape_target(build_servicemonitor(spec, ids), pod_labels, pod_labels, namespace=ids.namespace,
+    return scrape_target(build_servicemonitor(ids.namespace), pod_labels, pod_labels, namespace=ids.namespace,
                          pod=f"{ids.revision_name}-abc12", service=ids.revision_name)  # fmt: skip
 
 
@@ -202,7 +204,35 @@ def test_the_servicemonitor_target_carries(name: str, label: str, expected: str)
 
 def test_the_servicemonitor_yields_no_label_named_after_the_raw_pod_label() -> None:
     assert _sanitize(POD_REVISION_LABEL) not in _target()
-    assert "targetLabels" not in build_servicemonitor(*_ids())["spec"]
+    assert "targetLabels" not in build_servicemonitor(_ids()[1].namespace)["spec"]
+
+
+def _selects(selector: Mapping[str, Any], labels_: Mapping[str, str]) -> bool:
+    """A LabelSelector's matchLabels and matchExpressions (Exists/In/NotIn/DoesNotExist), as the API server reads it."""
+    if not dict(selector.get("matchLabels") or {}).items() <= labels_.items():
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {"Exists": key in labels_, "DoesNotExist": key not in labels_,
+              "In": labels_.get(key) in values, "NotIn": labels_.get(key) not in values}[op]  # fmt: skip
+        if not ok:
+            return False
+    return True
+
+
+def test_the_namespace_servicemonitor_selects_every_revision_service_of_every_model_and_nothing_else() -> None:
+    """One ServiceMonitor per namespace: it must find each model's revision Services (whatever the model's name),
+    and neither a front Service (it would scrape each pod twice) nor a router's Service."""
+    spec, ids = _ids()
+    selector = build_servicemonitor(ids.namespace)["spec"]["selector"]
+    for model in ("ctr-dnn-cpu", "two-tower", "m" * 63):
+        for revision in ("r1", "0123456789"):
+            other = Ids(name=model, namespace=ids.namespace, uid="u", revision=revision)
+            service = build_revision_service(spec, other)
+            assert _selects(selector, service["metadata"]["labels"]), (model, revision)
+            assert {p["name"] for p in service["spec"]["ports"]} >= {"metrics"}
+            assert not _selects(selector, build_stable_service(spec, other)["metadata"]["labels"]), model
+        assert not _selects(selector, router_labels(model)), model
 
 
 def _triton_query_labels() -> set[str]:

@@ -431,7 +431,7 @@ def derived_objects(spec: RecommenderModelSpec, name: str) -> list[list[dict[str
         build_revision_service(spec, ids),
         build_stable_service(spec, stable),
         build_pdb(spec, ids),
-        build_servicemonitor(spec, ids),
+        build_servicemonitor(ids.namespace),
         build_hpa(spec, ids),
         *router.render(plan, name, ids.namespace, owner_reference(ids)),
     ]

@@ -343,9 +343,9 @@ def _burst(cluster: Cluster, op: OperatorProcess, ns: str, n: int, steady_s: flo
 def floor(cluster: Cluster, n: int, threads: int = 8) -> dict[str, Any]:
     """The objects the operator creates for n models (its builders' output for the benchmark's spec, without an
     owner reference), server-side applied from `threads` client threads as fast as the API server takes them, in
-    the operator's order (ConfigMap, Deployment, Services, PodDisruptionBudget): seconds until every Deployment is
-    available, and apply -> Deployment created p50/p99. No reconciles, status writes or events: what the cluster
-    itself needs for the same pods."""
+    the operator's order (ConfigMap, Deployment, Services; a PodDisruptionBudget only above one replica): seconds
+    until every Deployment is available, and apply -> Deployment created p50/p99. No reconciles, status writes or
+    events: what the cluster itself needs for the same pods."""
     from concurrent.futures import ThreadPoolExecutor
 
     from recserve_operator.builders.common import Ids
@@ -371,6 +371,7 @@ def floor(cluster: Cluster, n: int, threads: int = 8) -> dict[str, Any]:
         ids = Ids(name, ns, "00000000-0000-0000-0000-000000000000", revision_of(spec))
         objs = [build_configmap(spec, ids), build_deployment(spec, ids, defaults), build_revision_service(spec, ids),
                 build_pdb(spec, ids), build_stable_service(spec, ids)]  # fmt: skip
+        objs = [o for o in objs if o is not None]  # one replica: no disruption budget, as the operator
         for obj in objs:
             obj["metadata"].pop("ownerReferences", None)
         return objs

@@ -70,6 +70,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("recserve.reconcile")
 
 # Kinds deleted when their revision leaves the decision's keep set (ordered: traffic first, config last).
+# Per-revision objects the spec may stop asking for without a new revision (autoscaling and scale are not hashed).
+OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget")
 REVISIONED_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment", "Job", "ConfigMap")
 # The builtin router's kinds (in the watch caches), deleted when the plan no longer names them.
 ROUTER_KINDS = ("Service", "Deployment", "ConfigMap")
@@ -284,8 +286,9 @@ class Reconciler:
     def _apply(self, ctx: Context, plan: Plan, desired: list[dict[str, Any]]) -> dict[str, int]:
         namespace, name = ctx.ids.namespace, ctx.ids.name
         applied = sum(self._apply_if_changed(obj) for obj in desired)
+        deleted = self._delete_optional(ctx, plan.traffic, desired)
         applied += self._scale_kept(ctx.spec, ctx.ids, plan.traffic)
-        deleted = self._delete_routers(ctx, plan) + self._sweep_per_model_monitors(namespace)
+        deleted += self._delete_routers(ctx, plan) + self._sweep_per_model_monitors(namespace)
         # Revisions the decision dropped go only once the router no longer sends them anything (defect: the
         # old revision deleted in the reconcile that moved traffic failed requests at every promotion).
         if self._router_drained(namespace, name, plan):
@@ -436,12 +439,28 @@ class Reconciler:
             build_configmap(spec, ids),
             *self._serving(spec, ids, decision, obs),
             build_revision_service(spec, ids),
-            build_pdb(spec, ids),
         ]
+        pdb = build_pdb(spec, ids)
         hpa = build_hpa(spec, ids, bounds=decision.hpa_bounds.get(ids.revision))
-        if hpa is not None:
-            objs.append(hpa)
-        return objs
+        return objs + [o for o in (pdb, hpa) if o is not None]
+
+    def _delete_optional(self, ctx: Context, decision: TrafficDecision, desired: list[dict[str, Any]]) -> int:
+        """A kept revision's autoscaler or disruption budget the spec no longer asks for (autoscaling removed, or
+        scaled in place to one pod: neither is part of the revision): deleted, so an orphaned autoscaler never
+        fights the replicas the operator sets. Kept revisions other than the spec's have no budget built from the
+        current spec; theirs stays as it was made."""
+        wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
+        namespace, name = ctx.ids.namespace, ctx.ids.name
+        deleted = 0
+        for kind in OPTIONAL_KINDS:
+            for obj in self._live(kind, namespace, name):
+                rev = (obj["metadata"].get("labels") or {}).get(REVISION_LABEL)
+                if rev not in decision.keep or (kind, obj["metadata"]["name"]) in wanted:
+                    continue
+                unscaled = kind == "HorizontalPodAutoscaler" and ctx.spec.serving.autoscaling is None
+                if rev == ctx.ids.revision or unscaled:
+                    deleted += self._delete(kind, namespace, obj)
+        return deleted
 
     def _scale_kept(self, spec: RecommenderModelSpec, ids: Ids, decision: TrafficDecision) -> int:
         """Scale the kept revisions the spec no longer describes (the stable during a rollout, an old stable while

@@ -351,8 +351,8 @@ def test_a_name_at_the_crd_limit_reaches_ready_with_every_derived_object(
         build_deployment(spec, ids, STORE, artifact=(f"{namespace}/{LONGEST}/{rev}-0", "f" * 64)),
         build_httproute(plan, LONGEST, namespace, ParentRef("shop-gw"), owner_ref=owner_reference(ids)),
         build_configmap(spec, other), build_deployment(spec, other, OperatorDefaults()),
-        build_revision_service(spec, other), build_stable_service(spec, other), build_pdb(spec, other),
-        build_hpa(spec, other),
+        build_revision_service(spec, other), build_stable_service(spec, other),
+        *[o for o in (build_pdb(spec, other), build_hpa(spec, other)) if o is not None],
     ])  # fmt: skip
 
 

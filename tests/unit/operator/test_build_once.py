@@ -86,7 +86,9 @@ def test_a_revision_is_built_once_by_a_job_and_its_pods_only_fetch_the_published
     assert _kinds(kube).count("Job") == 1
     assert next(o for k, o in kube.objects.items() if k[0] == "Deployment")["spec"]["replicas"] == 3
     rec.reconcile(model_body(SCALED, generation=2), lambda *e: events.append(e))
-    assert kube.requests["apply"] == applies + 1  # the Deployment's scale; the Job is never re-applied
+    # The Deployment's scale and, now that it runs several pods, its disruption budget; the Job is never re-applied.
+    assert kube.requests["apply"] == applies + 2
+    assert _kinds(kube).count("PodDisruptionBudget") == 1
 
 
 def test_a_failed_build_never_creates_the_deployment_and_the_stable_keeps_serving(env: Any) -> None:

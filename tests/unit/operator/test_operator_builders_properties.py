@@ -75,11 +75,8 @@ def test_accepted_specs_build_schema_valid_objects(spec_dict: dict[str, Any], na
         deployment,
         build_revision_service(spec, ids),
         build_stable_service(spec, ids),
-        build_pdb(spec, ids),
     ]
-    hpa = build_hpa(spec, ids)
-    if hpa is not None:
-        objects.append(hpa)
+    objects += [o for o in (build_pdb(spec, ids), build_hpa(spec, ids)) if o is not None]
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         assert len(obj["metadata"]["name"]) <= 63

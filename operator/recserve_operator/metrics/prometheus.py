@@ -1,6 +1,6 @@
 """Prometheus HTTP API client and the built-in Triton queries per revision."""
 
-# Series are told apart by a `revision` label that the ServiceMonitor (builders/servicemonitor.py) adds from
+# Series are told apart by a `revision` label that the namespace's ServiceMonitor (builders/servicemonitor.py) adds from
 # the pod label `recserve.dev/revision` (endpoint relabeling: source
 # `__meta_kubernetes_pod_label_recserve_dev_revision`, target `revision`).
 # Revision rather than variant:  a promotion re-labels no pods, the candidate simply becomes stable,

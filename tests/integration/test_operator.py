@@ -99,11 +99,11 @@ def test_every_example_reaches_ready_on_the_right_nodes(operator: OperatorProces
     expected_node = NODE_FOR_PRODUCT[product] if product else "cpu-0"
     pods = _pods(cluster, namespace, name)
     assert pods and {p["spec"]["nodeName"] for p in pods} == {expected_node}
-    if _servicemonitors_served(cluster):
-        # One ServiceMonitor for the namespace's revisions, none per model.
-        monitors = get_json(cluster, "servicemonitors.monitoring.coreos.com", "-n", namespace)["items"]
-        assert [m["metadata"]["name"] for m in monitors] == [REVISIONS_SERVICEMONITOR]
-        assert monitors[0]["spec"]["endpoints"][0]["port"] == "metrics"
+    # One ServiceMonitor for the namespace's revisions, none per model.
+    _require_servicemonitors(cluster)
+    monitors = get_json(cluster, "servicemonitors.monitoring.coreos.com", "-n", namespace)["items"]
+    assert [m["metadata"]["name"] for m in monitors] == [REVISIONS_SERVICEMONITOR]
+    assert monitors[0]["spec"]["endpoints"][0]["port"] == "metrics"
     columns = cluster.kubectl("get", "rm", name, "-n", namespace).stdout
     assert columns.split("\n")[0].split()[:6] == ["NAME", "PHASE", "BACKEND", "STABLE", "CANARY", "READY"]
     assert "Ready" in columns.split("\n")[1]
@@ -268,8 +268,9 @@ def test_drift_in_owned_objects_is_corrected(operator: OperatorProcess, namespac
     )
 
 
-def _servicemonitors_served(cluster: Cluster) -> bool:
-    return cluster.kubectl("get", "crd", "servicemonitors.monitoring.coreos.com", check=False).returncode == 0
+def _require_servicemonitors(cluster: Cluster) -> None:
+    served = cluster.kubectl("get", "crd", "servicemonitors.monitoring.coreos.com", check=False).returncode == 0
+    assert served, "the ServiceMonitor CRD is missing: cluster.prepare installs it on every cluster the tests use"
 
 
 def _namespace_monitor(cluster: Cluster, namespace: str) -> bool:
@@ -283,8 +284,8 @@ def test_deletion_leaves_nothing_behind(operator: OperatorProcess, namespace: st
     apply_yaml(cluster, namespace, _small("kept"))
     wait_ready(cluster, namespace, "gone")
     wait_ready(cluster, namespace, "kept")
-    monitors = _servicemonitors_served(cluster)
-    assert not monitors or _namespace_monitor(cluster, namespace)
+    _require_servicemonitors(cluster)
+    assert _namespace_monitor(cluster, namespace)
     cluster.kubectl("delete", "rm", "gone", "-n", namespace, "--wait=true", timeout=60)
     wait_for(
         lambda: owned(cluster, namespace, "gone") == [] and _pods(cluster, namespace, "gone") == [],
@@ -292,13 +293,40 @@ def test_deletion_leaves_nothing_behind(operator: OperatorProcess, namespace: st
         message="owned objects survived deletion",
     )
     # The namespace's ServiceMonitor serves the model still there, and goes with the last one.
-    assert not monitors or _namespace_monitor(cluster, namespace)
+    assert _namespace_monitor(cluster, namespace)
     cluster.kubectl("delete", "rm", "kept", "-n", namespace, "--wait=true", timeout=60)
     wait_for(
-        lambda: owned(cluster, namespace, "kept") == [] and not (monitors and _namespace_monitor(cluster, namespace)),
+        lambda: owned(cluster, namespace, "kept") == [] and not _namespace_monitor(cluster, namespace),
         60,
         message="the namespace's last model left objects or its ServiceMonitor behind",
     )
+
+
+def test_the_per_model_servicemonitor_of_an_earlier_version_gives_way_to_the_namespaces(
+    operator: OperatorProcess, namespace: str
+) -> None:
+    """An upgrade from the per-model design: both ServiceMonitors would scrape every revision twice (and double
+    every rate the rollouts compare), so the operator deletes the old one; a user's own ServiceMonitor stays."""
+    cluster = operator.cluster
+    _require_servicemonitors(cluster)
+    labels = {"app.kubernetes.io/name": "recserve-triton", "app.kubernetes.io/instance": "upgraded",
+              "app.kubernetes.io/component": "predictor", "app.kubernetes.io/managed-by": "recserve"}  # fmt: skip
+    endpoints = [{"port": "metrics", "interval": "15s", "path": "/metrics"}]
+    for name, meta_labels in (("upgraded", labels), ("shop-frontend", {"app": "frontend"})):
+        apply_yaml(cluster, namespace, {
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+            "metadata": {"name": name, "namespace": namespace, "labels": meta_labels},
+            "spec": {"selector": {"matchLabels": meta_labels}, "endpoints": endpoints},
+        })  # fmt: skip
+    apply_yaml(cluster, namespace, _small("upgraded"))
+    wait_ready(cluster, namespace, "upgraded")
+
+    def monitors() -> list[str] | None:
+        items = get_json(cluster, "servicemonitors.monitoring.coreos.com", "-n", namespace)["items"]
+        names = sorted(m["metadata"]["name"] for m in items)
+        return names if names == [REVISIONS_SERVICEMONITOR, "shop-frontend"] else None
+
+    wait_for(monitors, 60, message="the per-model ServiceMonitor was not replaced by the namespace's")
 
 
 def test_scaling_changes_replicas_in_place_without_a_new_revision(operator: OperatorProcess, namespace: str) -> None:

@@ -589,9 +589,15 @@ def run(sizes: list[int], steady_s: float, out: Path | None, *, keep_cluster: bo
     return report
 
 
+# Where this run kept its logs: printed while it runs, never saved (the results are committed; these are temp dirs).
+LOCAL_PATH_KEYS = ("operator_log", "logs")
+
+
 def _write(out: Path, report: dict[str, Any]) -> None:
+    saved = {k: [{f: v for f, v in item.items() if f not in LOCAL_PATH_KEYS} for item in report[k]]
+             if k in ("results", "takeover") else report[k] for k in report}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def _print(report: dict[str, Any]) -> None:

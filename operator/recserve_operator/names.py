@@ -20,8 +20,8 @@ MODEL_LABEL = "recserve.dev/model"
 # The label the ServiceMonitor gives every scraped series for the pod's REVISION_LABEL; rollout queries,
 # the Grafana dashboard and the adapter rule select by it.
 SERIES_REVISION_LABEL = "revision"
-# The one ServiceMonitor per namespace that scrapes every revision Service of every model there (no model owns it:
-# it carries no instance label, so no model's name can collide with it).
+# The one ServiceMonitor per namespace that scrapes every revision Service of every model there. No model owns it
+# (no owner reference, no instance label); the operator deletes it with the namespace's last model.
 REVISIONS_SERVICEMONITOR = "recserve-revisions"
 
 LABEL_VALUE_MAX = 63  # Kubernetes label values, and the names that become one

@@ -69,9 +69,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("recserve.reconcile")
 
-# Kinds deleted when their revision leaves the decision's keep set (ordered: traffic first, config last).
 # Per-revision objects the spec may stop asking for without a new revision (autoscaling and scale are not hashed).
 OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget")
+# Kinds deleted when their revision leaves the decision's keep set (ordered: traffic first, config last).
 REVISIONED_KINDS = ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment", "Job", "ConfigMap")
 # The builtin router's kinds (in the watch caches), deleted when the plan no longer names them.
 ROUTER_KINDS = ("Service", "Deployment", "ConfigMap")

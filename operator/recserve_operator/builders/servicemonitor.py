@@ -3,10 +3,10 @@ model there, and a model's shadow comparator during a shadow phase.
 
 One per namespace, not one per model: Prometheus Operator turns every ServiceMonitor into a scrape job with its own
 service discovery and regenerates and reloads Prometheus' configuration whenever one is added or removed, so one per
-model cost a write per model and a reload per model (58 CPU-s of Prometheus and Prometheus Operator while 500 models
-came up) and left Prometheus with one scrape job per model. The revision Services all carry the same labels besides
-their model's and revision's, so one selector finds them all; series still name their model through `namespace`,
-`service` and `pod`, and their revision through the relabeling below.
+model cost a write and a reload per model (Prometheus used 58 CPU-s while 500 models came up) and left Prometheus
+with one scrape job per model. The revision Services all carry the same labels besides their model's and revision's,
+so one selector finds them all; series still name their model through `namespace`, `service` and `pod`, and their
+revision through the relabeling below.
 """
 
 from __future__ import annotations

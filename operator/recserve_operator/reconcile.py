@@ -180,8 +180,6 @@ class Reconciler:
 
     def namespace_emptied(self, namespace: str) -> int:
         """The namespace's last model is gone: delete its revisions' ServiceMonitor (no model owns it)."""
-        with self._guard:
-            self._verified.pop(("ServiceMonitor", namespace, REVISIONS_SERVICEMONITOR), None)
         if not self.servicemonitor_supported():
             return 0
         deleted = self.kube.delete("ServiceMonitor", namespace, REVISIONS_SERVICEMONITOR)

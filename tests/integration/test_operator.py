@@ -186,10 +186,18 @@ def test_operator_restart_mid_rollout_converges_without_duplicates(operator: Ope
     old = wait_ready(cluster, namespace, "restart")["status"]["stable"]["revision"]
 
     _update_version(cluster, namespace, "restart", 5)
-    wait_for(
-        lambda: len(_revisions(cluster, namespace, "restart")) == 2 or None, 60, message="new revision not created"
-    )
+
+    # The two revisions stand side by side for ~1.3 s on kwok; polling the API with kubectl (0.2-0.5 s a call on a
+    # busy machine) could miss that window. The operator's own log line shows the new Deployment the moment it is
+    # created, so the kill lands while the old revision is still there (asserted below).
+    def created_new() -> bool:
+        lines = operator.log_path.read_text(errors="replace").splitlines()
+        return sum(f"Created Deployment namespace={namespace} name=restart-" in line for line in lines) >= 2
+
+    wait_for(created_new, 60, 0.05, message="new revision not created")
     operator.kill()
+    deleted_old = f"Deleted Deployment namespace={namespace} name=restart-{old}"
+    assert deleted_old not in operator.log_path.read_text(errors="replace"), "the rollout finished before the kill"
     operator.start()
 
     obj = wait_for(

@@ -66,6 +66,7 @@ def _revisions(
     stable = (status.get("stable") or {}).get("revision") or canary.get("stableRevision")
     progressing = canary.get("phase") == "Progressing"
     candidate = canary.get("revision") if progressing else None
+    shadowing = progressing and bool(canary.get("shadowing"))
     retiring = canary.get("retiringRevision")
     weight = int(canary.get("weight") or 0) if progressing else 0
     rows: dict[str, dict[str, Any]] = {}
@@ -91,12 +92,13 @@ def _revisions(
     if stable:
         row(stable).update(role="stable", weight=100 - weight)
     if candidate:
-        row(candidate).update(role="candidate", weight=weight)
+        # In the shadow phase the candidate gets mirrored requests only: no user traffic, no weight.
+        row(candidate).update(role="shadow" if shadowing else "candidate", weight=0 if shadowing else weight)
     if retiring and retiring in rows and retiring != stable:
         rows[retiring]["role"] = "retiring"
     if stable and stable in rows and rows[stable]["modelVersion"] is None:
         rows[stable]["modelVersion"] = (status.get("stable") or {}).get("modelVersion")
-    order = {"stable": 0, "retiring": 1, "candidate": 2, "old": 3}
+    order = {"stable": 0, "retiring": 1, "candidate": 2, "shadow": 2, "old": 3}
     return sorted(rows.values(), key=lambda r: (order[r["role"]], r["revision"]))
 
 
@@ -104,7 +106,8 @@ def _steps(spec: Mapping[str, Any], canary: Mapping[str, Any]) -> list[dict[str,
     rollout = spec.get("rollout") or {}
     if rollout.get("strategy") != "canary":
         return []
-    current = int(canary.get("step") or 0) if canary.get("phase") == "Progressing" else None
+    stepping = canary.get("phase") == "Progressing" and not canary.get("shadowing")  # shadow comes before step 1
+    current = int(canary.get("step") or 0) if stepping else None
     steps = []
     for i, s in enumerate(rollout.get("steps") or []):
         pause = s.get("pause", "0s")
@@ -117,6 +120,26 @@ def _thresholds(spec: Mapping[str, Any]) -> dict[str, Any]:
     analysis = (spec.get("rollout") or {}).get("analysis") or {}
     keys = ("interval", "maxErrorRate", "maxP99LatencyMs", "minRequests", "failureLimit")
     return {k: analysis[k] for k in keys if k in analysis}
+
+
+SHADOW_SETTINGS = ("percent", "topK", "minRequests", "duration")
+
+
+def _shadow(spec: Mapping[str, Any], canary: Mapping[str, Any], active: bool) -> dict[str, Any] | None:
+    """The shadow phase: its settings and thresholds (spec.rollout.shadow), whether the candidate is in it now, and
+    the last shadow look (status.canary.shadow, kept after the phase). None for a model that never had one."""
+    policy = (spec.get("rollout") or {}).get("shadow")
+    last = canary.get("shadow")
+    if not isinstance(policy, Mapping) and not isinstance(last, Mapping):
+        return None
+    policy = policy if isinstance(policy, Mapping) else {}
+    return {
+        "active": active,
+        "revision": canary.get("revision") if active or last else None,
+        **{k: policy.get(k) for k in SHADOW_SETTINGS},
+        "thresholds": {k: v for k, v in policy.items() if k not in SHADOW_SETTINGS},
+        "last": dict(last) if isinstance(last, Mapping) else None,
+    }
 
 
 def _verdict(strategy: str, canary: Mapping[str, Any], ab: Mapping[str, Any] | None) -> str:
@@ -159,6 +182,8 @@ def summarize(
     conds = _conditions(status)
     steps = _steps(spec, canary)
     progressing = canary.get("phase") == "Progressing"
+    shadowing = progressing and bool(canary.get("shadowing"))
+    shadow = _shadow(spec, canary, shadowing)
     analyses = list(canary.get("analyses") or ([canary["lastAnalysis"]] if canary.get("lastAnalysis") else []))
     return {
         "name": meta.get("name"),
@@ -173,7 +198,9 @@ def summarize(
             "candidateRevision": canary.get("revision") if progressing else None,
             "lastRevision": canary.get("revision"),
             "weight": int(canary.get("weight") or 0) if progressing else 0,
-            "step": int(canary.get("step") or 0) if progressing and steps else None,
+            "step": int(canary.get("step") or 0) if progressing and steps and not shadowing else None,
+            "shadowing": shadowing,
+            "mirrorPercent": shadow["percent"] if shadow and shadowing else None,
             "steps": len(steps),
             "paused": bool(canary.get("paused")) if progressing else False,
             "message": canary.get("message") or "",
@@ -184,6 +211,7 @@ def summarize(
         "steps": steps,
         "thresholds": _thresholds(spec),
         "analyses": analyses,
+        "shadow": shadow,
         "abTest": dict(ab) if ab else None,
         "conditions": conds,
         "events": _events(events),
@@ -206,9 +234,11 @@ def render_list(views: Sequence[Mapping[str, Any]], *, all_namespaces: bool, now
     rows = []
     for v in views:
         r = v["rollout"]
-        step = f"{r['step'] + 1}/{r['steps']}" if r["step"] is not None else "-"
+        step = "shadow" if r["shadowing"] else f"{r['step'] + 1}/{r['steps']}" if r["step"] is not None else "-"
         rollout = f"{r['phase']} (paused)" if r["paused"] else r["phase"]
         weight = f"{r['weight']}%" if r["candidateRevision"] else "-"
+        if r["shadowing"]:  # users' traffic all goes to the stable; the candidate sees mirrored copies
+            weight = f"mirror {_fmt(r['mirrorPercent'])}%"
         row = [v["name"], v["phase"], rollout, _short(r["stableRevision"]), _short(r["candidateRevision"]), weight,
                step, r["verdict"], age(parse_time(v["created"]), now)]  # fmt: skip
         rows.append([v["namespace"], *row] if all_namespaces else row)
@@ -225,22 +255,45 @@ def _fmt(value: object, digits: int = 4) -> str:
     return str(value)
 
 
+def _checks(a: Mapping[str, Any]) -> str:
+    """One look's checks against their thresholds: `errorRate=0.002 (max 0.01: ok); ...`."""
+    shown = []
+    for c in a.get("checks") or []:
+        bound = " ".join(f"{k} {_fmt(c.get(k))}" for k in ("min", "max") if c.get(k) is not None)
+        mark = {True: "ok", False: "FAILED", None: "no data"}[c.get("passed")]
+        shown.append(f"{c.get('name')}={_fmt(c.get('value'))} ({bound}: {mark})")
+    return "; ".join(shown)
+
+
 def _analysis_lines(v: Mapping[str, Any], now: datetime) -> list[str]:
     limits = v["thresholds"]
     out = ["  thresholds: " + ", ".join(f"{k} {val}" for k, val in limits.items())] if limits else []
     rows = []
     for a in v["analyses"]:
-        checks = a.get("checks") or []
-        shown = []
-        for c in checks:
-            bound = " ".join(f"{k} {_fmt(c.get(k))}" for k in ("min", "max") if c.get(k) is not None)
-            mark = {True: "ok", False: "FAILED", None: "no data"}[c.get("passed")]
-            shown.append(f"{c.get('name')}={_fmt(c.get('value'))} ({bound}: {mark})")
-        rows.append([age(parse_time(a.get("time")), now) + " ago", a.get("verdict"), _fmt(a.get("requests")),
-                     "; ".join(shown) or a.get("reason") or "-"])  # fmt: skip
+        verdict = f"{a.get('verdict')} (shadow)" if a.get("stage") == "shadow" else a.get("verdict")
+        rows.append([age(parse_time(a.get("time")), now) + " ago", verdict, _fmt(a.get("requests")),
+                     _checks(a) or a.get("reason") or "-"])  # fmt: skip
     if not rows:
         return [*out, "  (no analysis yet)"]
     return out + _table(["WHEN", "VERDICT", "REQUESTS", "CHECKS (value against thresholds)"], rows, "  ")
+
+
+def _shadow_lines(shadow: Mapping[str, Any], now: datetime) -> list[str]:
+    state = f"in progress, candidate {shadow['revision']}" if shadow["active"] else "not running"
+    lines = [f"  mirror {_fmt(shadow['percent'])}% of live requests to the candidate, compare the top "
+             f"{_fmt(shadow['topK'])}, at least {_fmt(shadow['minRequests'])} compared, for at least "
+             f"{_fmt(shadow['duration'])} ({state})"]  # fmt: skip
+    if shadow["thresholds"]:
+        lines.append("  thresholds: " + ", ".join(f"{k} {val}" for k, val in shadow["thresholds"].items()))
+    last = shadow["last"]
+    if not last:
+        return [*lines, "  (no shadow look yet)"]
+    m = last.get("measured") or {}
+    counts = ", ".join(f"{k} {_fmt(m.get(k))}" for k in ("mirrored", "compared", "dropped"))
+    lines.append(f"  last look {age(parse_time(last.get('time')), now)} ago: {last.get('verdict')} "
+                 f"({last.get('decision')}), {counts}")  # fmt: skip
+    lines.append(f"    {_checks(last) or last.get('reason') or '-'}")
+    return lines
 
 
 def _ab_lines(ab: Mapping[str, Any]) -> list[str]:
@@ -265,13 +318,16 @@ def _ab_lines(ab: Mapping[str, Any]) -> list[str]:
 
 def render_model(v: Mapping[str, Any], now: datetime) -> str:
     r = v["rollout"]
+    if r["shadowing"]:
+        where = f", shadow phase: {_fmt(r['mirrorPercent'])}% of live requests mirrored, users get the stable's answers"
+    else:
+        where = f", candidate at {r['weight']}%" if r["candidateRevision"] else ""
     lines = [
         f"Name:        {v['name']}",
         f"Namespace:   {v['namespace']}",
         f"Phase:       {v['phase']} (Ready={v['ready']})",
         f"Strategy:    {v['strategy']}",
-        f"Rollout:     {r['phase']}{' (paused)' if r['paused'] else ''}"
-        + (f", candidate at {r['weight']}%" if r["candidateRevision"] else ""),
+        f"Rollout:     {r['phase']}{' (paused)' if r['paused'] else ''}{where}",
     ]
     if r["message"]:
         lines.append(f"Message:     {r['message']}")
@@ -282,6 +338,9 @@ def render_model(v: Mapping[str, Any], now: datetime) -> str:
     rev_rows = [[x["revision"], x["role"], x["modelVersion"] or "-", f"{x['weight']}%", f"{x['podsReady']}/{x['pods']}",
                  x["replicas"]] for x in v["revisions"]]  # fmt: skip
     lines += _table(["REVISION", "ROLE", "MODEL", "WEIGHT", "PODS READY", "REPLICAS"], rev_rows, "  ")
+    if v["shadow"]:  # before the steps: the phase comes first
+        lines += ["", "Shadow:"]
+        lines += _shadow_lines(v["shadow"], now)
     if v["steps"]:
         lines += ["", "Steps:"]
         for s in v["steps"]:

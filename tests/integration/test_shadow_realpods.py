@@ -18,6 +18,7 @@ mirroring is reported.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from recserve_cluster import volumes
 from recserve_cluster.cluster import Cluster
 from tests.helpers import wait_for
+from tests.integration.conftest_operator import recserve
 from tests.integration.realpods import (
     MODEL,
     NODE,
@@ -111,7 +114,7 @@ while any(t.is_alive() for t in threads):
 """
 
 
-def write_catalogue_ranker(path: Path, table: np.ndarray) -> Path:
+def write_catalogue_ranker(path: Path, table: NDArray[Any]) -> Path:
     """user FP32 [batch, 8] -> scores FP32 [batch, 10], indices INT64 [batch, 10]: the top 10 of the catalogue."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -246,17 +249,28 @@ def test_shadow_passes_an_equal_candidate_and_rolls_back_a_shuffled_ranking_on_l
         apply(cluster, {**_spec(2), "metadata": {"name": MODEL, "namespace": ns}})
         shadow_seen: dict[str, float] = {}
         pending: dict[str, float] = {}
+        plugin: dict[str, str] = {}
 
         def left_shadow() -> dict[str, Any] | None:
             c = _canary(cluster, ns, pending)
             if c.get("shadowing") and c.get("revision") != stable:
                 shadow_seen.setdefault("start", time.time())
+                if not plugin:  # what a user sees of the phase (it lasts at least one 15 s interval)
+                    shown = recserve(cluster, "get", MODEL, "-n", ns).stdout
+                    listed = recserve(cluster, "list", "-n", ns).stdout
+                    if f"(in progress, candidate {c['revision']})" in shown and " shadow " in listed:
+                        plugin.update(get=shown, list=listed)
             assert c.get("phase") != "RolledBack", c
             return c if shadow_seen and not c.get("shadowing") and c.get("weight") else None
 
         passed = wait_for(left_shadow, 600, 1, "version 2 to pass its shadow phase")
         on_window = (shadow_seen["start"], time.time())
         equal_rev = passed["revision"]
+        assert plugin, "kubectl recserve never showed the shadow phase while status.canary.shadowing was true"
+        row = next(ln.split() for ln in plugin["list"].splitlines() if ln.split()[:1] == [MODEL])
+        assert row[4:8] == [equal_rev, "mirror", f"{SHADOW['percent']}%", "shadow"], plugin["list"]
+        assert f"shadow phase: {SHADOW['percent']}% of live requests mirrored" in plugin["get"], plugin["get"]
+        assert re.search(rf"{equal_rev}\s+shadow\s+\S+\s+0%", plugin["get"]), plugin["get"]  # no user traffic
         assert passed["phase"] == "Progressing" and passed["weight"] == 50 and passed["step"] == 0, passed
         shadow = passed["shadow"]
         assert shadow["verdict"] == "pass" and shadow["decision"] == "advance" and shadow["stage"] == "shadow", shadow

@@ -143,3 +143,70 @@ def test_a_model_the_operator_has_not_seen_yet_renders_without_status() -> None:
 )  # fmt: skip
 def test_ages_read_like_kubectl(seconds: int, shown: str) -> None:
     assert age(NOW - timedelta(seconds=seconds), NOW) == shown
+
+
+SHADOW_SPEC = {"percent": 50, "topK": 10, "minRequests": 200, "duration": "2m", "minTopKOverlap": 0.9,
+               "maxP99LatencyMs": 50}  # fmt: skip
+SHADOW_LOOK = {
+    "time": "2026-12-02T11:59:30Z", "verdict": "inconclusive", "requests": 120.0, "errorRate": 0.0, "p99Ms": 7.5,
+    "checks": [{"name": "topKOverlap", "value": 0.97, "min": 0.9, "max": None, "passed": True},
+               {"name": "p99LatencyMs", "value": 7.5, "min": None, "max": 50, "passed": True}],
+    "decision": "hold", "reason": "120 of 200 compared", "stage": "shadow",
+    "measured": {"mirrored": 131, "compared": 120, "dropped": 2, "topKOverlap": 0.97, "p99Ms": 7.5},
+}  # fmt: skip
+SHADOWING = RolloutState(
+    phase=Phase.PROGRESSING, stable_revision=STABLE, revision=CAND, weight=0, step=0, shadowing=True,
+    started_at=NOW - timedelta(minutes=1), analyses=(SHADOW_LOOK,), last_analysis=SHADOW_LOOK, shadow=SHADOW_LOOK,
+)  # fmt: skip
+
+
+def test_the_shadow_phase_shows_mirroring_no_user_weight_no_current_step_and_its_last_look() -> None:
+    rollout = {**CANARY_ROLLOUT, "shadow": SHADOW_SPEC}
+    deps = [_deployment(STABLE, "1", 3), _deployment(CAND, "2", 1)]
+    v = summarize(_model(SHADOWING, rollout=rollout), [_pod(STABLE, True), _pod(CAND, True)], deps)
+    expected = {"phase": "Progressing", "candidateRevision": CAND, "weight": 0, "step": None, "shadowing": True,
+                "mirrorPercent": 50, "verdict": "inconclusive"}  # fmt: skip
+    assert {k: v["rollout"][k] for k in expected} == expected
+    rows = {r["revision"]: r for r in v["revisions"]}
+    assert (rows[STABLE]["role"], rows[STABLE]["weight"]) == ("stable", 100)
+    assert (rows[CAND]["role"], rows[CAND]["weight"]) == ("shadow", 0)
+    assert not any(s["current"] for s in v["steps"])  # the first step has not started
+    assert v["shadow"]["active"] and v["shadow"]["revision"] == CAND
+    assert v["shadow"]["thresholds"] == {"minTopKOverlap": 0.9, "maxP99LatencyMs": 50}
+
+    row = render_list([v], all_namespaces=False, now=NOW).splitlines()[1]
+    assert row.split() == ["ctr", "Progressing", "Progressing", STABLE, CAND, "mirror", "50%", "shadow",
+                           "inconclusive", "60m"]  # fmt: skip
+    text = render_model(v, NOW)
+    assert "Rollout:     Progressing, shadow phase: 50% of live requests mirrored, users get the stable's" in text
+    assert "mirror 50% of live requests to the candidate, compare the top 10, at least 200 compared, for at least " \
+           f"2m (in progress, candidate {CAND})" in text  # fmt: skip
+    assert "thresholds: minTopKOverlap 0.9, maxP99LatencyMs 50" in text
+    assert "last look 30s ago: inconclusive (hold), mirrored 131, compared 120, dropped 2" in text
+    assert "topKOverlap=0.97 (min 0.9: ok); p99LatencyMs=7.5 (max 50: ok)" in text
+    assert "inconclusive (shadow)" in text  # the look in the analysis history is marked as a shadow look
+    assert text.index("Shadow:") < text.index("Steps:") and "->" not in text.split("Steps:")[1]
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith(CAND))
+    assert line.split()[:4] == [CAND, "shadow", "2", "0%"]
+
+
+def test_after_the_shadow_phase_its_last_look_stays_and_the_first_step_is_current() -> None:
+    passed = {**SHADOW_LOOK, "verdict": "pass", "decision": "advance", "requests": 240.0,
+              "measured": {**SHADOW_LOOK["measured"], "compared": 240, "mirrored": 250}}  # fmt: skip
+    state = SHADOWING.evolve(shadowing=False, weight=10, shadow=passed, analyses=(passed,), last_analysis=passed)
+    v = summarize(_model(state, rollout={**CANARY_ROLLOUT, "shadow": SHADOW_SPEC}))
+    assert v["rollout"]["step"] == 0 and not v["rollout"]["shadowing"] and v["rollout"]["mirrorPercent"] is None
+    assert [s["current"] for s in v["steps"]] == [True, False]
+    row = render_list([v], all_namespaces=False, now=NOW).splitlines()[1].split()
+    assert row[5:7] == ["10%", "1/2"]
+    text = render_model(v, NOW)
+    assert "(not running)" in text and "last look 30s ago: pass (advance), mirrored 250, compared 240" in text
+    assert "-> 1. weight 10%, pause 1m (current)" in text
+
+
+def test_a_model_without_a_shadow_phase_has_no_shadow_section() -> None:
+    v = summarize(_model(CANARY))
+    assert v["shadow"] is None and not v["rollout"]["shadowing"]
+    assert "Shadow:" not in render_model(v, NOW)
+    fresh = summarize(_model(CANARY, rollout={**CANARY_ROLLOUT, "shadow": SHADOW_SPEC}))
+    assert "(no shadow look yet)" in render_model(fresh, NOW)  # configured, not reached yet

@@ -369,9 +369,9 @@ def floor(cluster: Cluster, n: int, threads: int = 8) -> dict[str, Any]:
     def objects(name: str) -> list[dict[str, Any]]:
         spec = parse_spec(_model(name)["spec"])
         ids = Ids(name, ns, "00000000-0000-0000-0000-000000000000", revision_of(spec))
-        objs = [build_configmap(spec, ids), build_deployment(spec, ids, defaults), build_revision_service(spec, ids),
-                build_pdb(spec, ids), build_stable_service(spec, ids)]  # fmt: skip
-        objs = [o for o in objs if o is not None]  # one replica: no disruption budget, as the operator
+        built = [build_configmap(spec, ids), build_deployment(spec, ids, defaults), build_revision_service(spec, ids),
+                 build_pdb(spec, ids), build_stable_service(spec, ids)]  # fmt: skip
+        objs = [o for o in built if o is not None]  # one replica: no disruption budget, as the operator
         for obj in objs:
             obj["metadata"].pop("ownerReferences", None)
         return objs

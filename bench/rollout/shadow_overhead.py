@@ -16,6 +16,7 @@ compared and dropped in that time (its sustainable rate against the router's).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -126,7 +127,7 @@ def run(rounds: int, n: int, warmup: int, threads: int, seconds: float) -> dict[
         for target in TARGETS:
             port, proc = start_nginx(workdir / target, PERCENT[target], address, f"127.0.0.1:{intake}")
             ports[target] = port
-            stops.append(lambda p=proc: _stop(p))
+            stops.append(functools.partial(_stop, proc))
         clients = {t: Client(p) for t, p in ports.items()}
         for client in clients.values():
             for i in range(warmup):
@@ -152,7 +153,7 @@ def run(rounds: int, n: int, warmup: int, threads: int, seconds: float) -> dict[
             before = comparator_counts(cmp_metrics)
             rate, failed = throughput(ports[target], threads, seconds)
             # The comparator finishes its queue after the load: count what it compared for this window.
-            wait_until(lambda b=before: _settled(cmp_metrics, b), 30, "the comparator's queue to drain")
+            wait_until(functools.partial(_settled, cmp_metrics, before), 30, "the comparator's queue to drain")
             after = comparator_counts(cmp_metrics)
             delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
             result["throughput"][target] = {"users_rps": rate, "users_failed": failed,

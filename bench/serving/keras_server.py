@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from numpy.typing import NDArray
 
 
 def make_app(model_path: str, call: str = "call") -> FastAPI:
@@ -18,7 +20,7 @@ def make_app(model_path: str, call: str = "call") -> FastAPI:
     model = keras.models.load_model(model_path)
     app = FastAPI()
 
-    def score(x: np.ndarray) -> np.ndarray:
+    def score(x: NDArray[Any]) -> NDArray[Any]:
         # model.predict builds a tf.data pipeline per call; model(x) is the cheaper of the two obvious choices.
         if call == "predict":
             return np.asarray(model.predict(x, verbose=0)).ravel()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -54,7 +55,7 @@ def one_instance_no_batching(repo: Path, name: str) -> None:
     path.write_text(text_format.MessageToString(cfg))
 
 
-def v2_body(inputs: list[tuple[str, np.ndarray, str]], outputs: list[str]) -> tuple[bytes, dict[str, str]]:
+def v2_body(inputs: list[tuple[str, NDArray[Any], str]], outputs: list[str]) -> tuple[bytes, dict[str, str]]:
     """KServe v2 with Triton's binary tensor extension: a JSON header, then each input's raw bytes in order."""
     raws = [np.ascontiguousarray(a).tobytes() for _, a, _ in inputs]
     header = json.dumps({
@@ -78,7 +79,7 @@ def request_bodies(
     return row_bodies, rank_bodies
 
 
-def ceiling(onnx_path: Path, feeds: list[dict[str, np.ndarray]], duration_s: float) -> dict[str, float]:
+def ceiling(onnx_path: Path, feeds: list[dict[str, NDArray[Any]]], duration_s: float) -> dict[str, float]:
     """In-process ONNX Runtime on the same requests, one after another: requests/s and p50/p99."""
     import onnxruntime as ort
 

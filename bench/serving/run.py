@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -69,7 +70,7 @@ def ensure_model(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     return model, model.parent / "feature_spec.json"
 
 
-def make_requests(spec_path: Path, n_requests: int, candidates: int, seed: int = 0) -> np.ndarray:
+def make_requests(spec_path: Path, n_requests: int, candidates: int, seed: int = 0) -> NDArray[Any]:
     """(n_requests, candidates, dim) float32: each request scores `candidates` catalogue items for one user."""
     from ecommerce_data import DataConfig, generate
 
@@ -82,10 +83,11 @@ def make_requests(spec_path: Path, n_requests: int, candidates: int, seed: int =
         user = int(rng.integers(data.config.n_users))
         items = rng.choice(data.config.n_items, size=candidates, replace=candidates > data.config.n_items)
         reqs.append(feats.candidates(user, items, hour=int(rng.integers(24)), device=int(rng.integers(3))))
-    return np.stack(reqs).astype(np.float32)
+    stacked: NDArray[Any] = np.stack(reqs).astype(np.float32)
+    return stacked
 
 
-def triton_body(x: np.ndarray, input_name: str, output_name: str) -> tuple[bytes, dict[str, str]]:
+def triton_body(x: NDArray[Any], input_name: str, output_name: str) -> tuple[bytes, dict[str, str]]:
     """A KServe v2 request with Triton's binary tensor extension: JSON header, then raw float32 bytes."""
     raw = np.ascontiguousarray(x, dtype=np.float32).tobytes()
     header = json.dumps({
@@ -185,7 +187,8 @@ def build_repository(model: Path, repo: Path, out: Path, max_batch_size: int) ->
                  "--name", MODEL_NAME, "--version", "1", "--repo", str(repo), "--backend", "python",
                  "--precision", "fp32", "--max-batch-size", str(max_batch_size), "--json"],
                 out / "logs" / f"build-{repo.name}.log")
-    return json.loads(stdout)
+    built: dict[str, Any] = json.loads(stdout)
+    return built
 
 
 def write_default_config(repo: Path) -> str:
@@ -198,7 +201,7 @@ def write_default_config(repo: Path) -> str:
     cfg.ClearField("dynamic_batching")
     del cfg.instance_group[:]
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-    text = text_format.MessageToString(cfg)
+    text: str = text_format.MessageToString(cfg)
     path.write_text(text)
     return text
 
@@ -211,7 +214,8 @@ def profile_repository(repo: Path, out: Path, args: argparse.Namespace) -> dict[
                    else ["--concurrency-levels", args.concurrency]),
                  "--slo-p99-ms", str(args.slo_p99_ms), "--duration-s", str(args.profile_duration_s),
                  "--out", str(out / "profile"), "--apply", "--json"], out / "logs" / "profile.log", timeout=1800)
-    return json.loads(stdout)
+    profiled: dict[str, Any] = json.loads(stdout)
+    return profiled
 
 
 @contextlib.contextmanager
@@ -223,7 +227,7 @@ def triton(repo: Path, log_path: Path) -> Iterator[str]:
         yield f"http://{server.http_url}"
 
 
-def ort_inprocess(onnx_path: Path, requests: np.ndarray, batch_sizes: list[int], duration_s: float) -> dict[str, Any]:
+def ort_inprocess(onnx_path: Path, requests: NDArray[Any], batch_sizes: list[int], duration_s: float) -> dict[str, Any]:
     """The ceiling: ONNX Runtime called directly (all cores), per batch size; best samples/s wins."""
     import onnxruntime as ort
 

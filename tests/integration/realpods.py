@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 import yaml
+from numpy.typing import NDArray
 
 from recserve_cluster import nodeconfig as nc
 from recserve_cluster.cluster import Cluster
@@ -94,7 +95,7 @@ def apply(cluster: Cluster, *objs: dict[str, Any]) -> None:
 get = get_json  # `kubectl get -o json`, None when the object does not exist
 
 
-def keras_model(tmp: Path, rows: int = 16, seed: int = 5) -> tuple[Path, np.ndarray, np.ndarray]:
+def keras_model(tmp: Path, rows: int = 16, seed: int = 5) -> tuple[Path, NDArray[Any], NDArray[Any]]:
     """A small trained CTR DNN saved as .keras, `rows` request rows for it and Keras's own predictions."""
     import keras
 
@@ -161,7 +162,7 @@ def run_client_pod(cluster: Cluster, ns: str, script: str, *, image: str = PYTHO
     return cluster.kubectl("logs", name, "-n", ns).stdout
 
 
-def infer_in_cluster(cluster: Cluster, ns: str, url: str, x: np.ndarray, input_name: str) -> np.ndarray:
+def infer_in_cluster(cluster: Cluster, ns: str, url: str, x: NDArray[Any], input_name: str) -> NDArray[Any]:
     """POST one KServe v2 request from a pod (DNS, Service, kube-proxy and the router all in the path)."""
     body = {"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
                         "data": x.ravel().tolist()}]}
@@ -184,8 +185,8 @@ print(json.dumps(result.as_numpy(result.get_response().outputs[0].name).ravel().
 """
 
 
-def infer_grpc_in_cluster(cluster: Cluster, ns: str, address: str, x: np.ndarray, *, model: str,
-                          input_name: str) -> np.ndarray:
+def infer_grpc_in_cluster(cluster: Cluster, ns: str, address: str, x: NDArray[Any], *, model: str,
+                          input_name: str) -> NDArray[Any]:
     """One KServe v2 gRPC inference from a pod, with tritonclient (the operator image carries it)."""
     from recserve_cluster import images
 

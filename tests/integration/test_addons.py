@@ -186,7 +186,7 @@ def _quantity(value: str) -> float:
 def test_the_custom_metrics_api_serves_the_hpa_queue_time_metric(installed: Cluster,
                                                                  triton_standin: tuple[Ids, Any]) -> None:
     ids, spec = triton_standin
-    listed = wait_for(
+    listed: bool = wait_for(
         lambda: {r["name"] for r in (_raw(installed, "/apis/custom.metrics.k8s.io/v1beta1") or {}).get("resources", [])}
         >= {f"pods/{QUEUE_TIME_METRIC}"},
         120, 3, f"pods/{QUEUE_TIME_METRIC} in the custom metrics API",

@@ -3,6 +3,7 @@ MetricsAvailable, logs the outage once, keeps correcting drift, and progressDead
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -53,6 +54,11 @@ def _weights(cluster: Cluster, ns: str) -> dict[str, int]:
 def _uid(cluster: Cluster, ns: str, kind: str, name: str) -> str | None:
     obj = get_json(cluster, kind, name, "-n", ns)
     return str(obj["metadata"]["uid"]) if obj else None
+
+
+def _recreated(cluster: Cluster, ns: str, name: str, old_uid: str | None) -> bool:
+    """The Service is there again, as a new object."""
+    return _uid(cluster, ns, "service", name) not in (None, old_uid)
 
 
 def _reconciles(op: OperatorProcess) -> float:
@@ -114,7 +120,7 @@ def test_an_unreachable_prometheus_holds_the_canary_then_the_progress_deadline_r
                 NAME: _uid(cluster, namespace, "service", NAME)}  # fmt: skip
     cluster.kubectl("delete", "service", *services, "-n", namespace, "--wait=true")
     for svc, old_uid in services.items():
-        wait_for(lambda s=svc, u=old_uid: _uid(cluster, namespace, "service", s) not in (None, u), 30,
+        wait_for(functools.partial(_recreated, cluster, namespace, svc, old_uid), 30,
                  message=f"service {svc} was not recreated")  # fmt: skip
     held()
 

@@ -43,7 +43,7 @@ def _example(path: Path) -> dict[str, Any]:
 
 def _on_kwok(path: Path) -> bool:
     # An example for the real node's GPU product runs real containers there: test_first_install serves it.
-    return _example(path)["spec"]["serving"].get("gpuProduct") != nc.REAL_NODE.gpu_product
+    return bool(_example(path)["spec"]["serving"].get("gpuProduct") != nc.REAL_NODE.gpu_product)
 
 
 KWOK_EXAMPLES = [p for p in EXAMPLES if _on_kwok(p)]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from recserve_cluster import images, volumes
 from recserve_cluster.cluster import Cluster
@@ -64,7 +65,7 @@ print(json.dumps(out))
 """
 
 
-def _request(tmp: Path) -> tuple[Path, dict[str, Any], np.ndarray]:
+def _request(tmp: Path) -> tuple[Path, dict[str, Any], NDArray[Any]]:
     """The model file, one ranking request of N_CANDIDATES candidates, and Keras's scores of the same rows."""
     import keras
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from numpy.typing import NDArray
 
 from recserve_cluster import nodeconfig as nc
 from recserve_cluster.cluster import Cluster
@@ -140,7 +141,7 @@ def test_a_gpu_pod_lands_on_the_real_node_only_while_it_fits_the_simulated_capac
 
     def unschedulable() -> str | None:
         p = _pod_json(cluster, namespace, "one-more")
-        cond = next((c for c in p["status"].get("conditions", []) if c["type"] == "PodScheduled"), {})
+        cond: dict[str, Any] = next((c for c in p["status"].get("conditions", []) if c["type"] == "PodScheduled"), {})
         return cond.get("message") if cond.get("reason") == "Unschedulable" else None
 
     message = wait_for(unschedulable, 60, 1, "the extra GPU pod to be refused")
@@ -150,7 +151,7 @@ def test_a_gpu_pod_lands_on_the_real_node_only_while_it_fits_the_simulated_capac
     assert pod["spec"]["nodeName"] == NODE
 
 
-def _keras_model(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+def _keras_model(tmp_path: Path) -> tuple[Path, NDArray[Any], NDArray[Any]]:
     from tests.builder.models import ctr_dnn, synthetic_ctr
 
     path = ctr_dnn(tmp_path / "ctr.keras", steps=5, hidden=(16, 8))
@@ -261,17 +262,17 @@ def test_helm_install_with_the_local_images_gives_a_ready_operator_pod_that_reco
 
 def test_stopping_the_node_leaves_no_process_link_rule_mount_or_cgroup_and_it_restarts(cluster: Cluster) -> None:
     """Runs last in this module: it stops real-0 (every pod on it dies) and brings it back."""
-    from recserve_cluster.cluster import get_provider
+    from recserve_cluster.cluster import KwokProvider, get_provider
     from recserve_cluster.realnode import RealNode, leftovers
 
     provider = get_provider()
-    if provider.name != "kwok" or not getattr(provider, "real_node", False):
+    if not isinstance(provider, KwokProvider) or not provider.real_node:
         pytest.skip("only the local provider starts (and so may stop) the real node")
     node = RealNode(provider.cluster_name)
     assert node.running()
     assert any(leftovers(node).values())  # the check sees a running node
     node.stop()
-    nothing = {k: [] for k in ("processes", "links", "rules", "mounts", "cgroups", "routes")}
+    nothing: dict[str, list[str]] = {k: [] for k in ("processes", "links", "rules", "mounts", "cgroups", "routes")}
     assert leftovers(node) == nothing
     # A start that fails part-way (the kubelet exits at once) names the component and leaves nothing behind.
     with pytest.MonkeyPatch.context() as mp:

@@ -1,12 +1,15 @@
-"""Copy the CRDs from crds/ (the single source of truth) into the Helm chart, marked to survive uninstall.
+"""Copy the CRDs from crds/ (the single source of truth) into the Helm chart, marked to survive uninstall, after
+stamping the RecommenderModel CRD's schema digest into its `recserve.dev/schema-digest` annotation and into the
+operator (`recserve_operator.crd_schema.SCHEMA_DIGEST`), which compares it with the installed CRD at start.
 
-Usage: python hack/sync_crds.py          # rewrite charts/recserve/crds/
-       python hack/sync_crds.py --check  # exit 1 and name the files if the chart has drifted
+Usage: python hack/sync_crds.py          # stamp the digest, rewrite charts/recserve/crds/
+       python hack/sync_crds.py --check  # exit 1 and name the files if a digest is stale or the chart has drifted
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "operator"))
+from recserve_operator.crd_schema import SCHEMA_DIGEST_ANNOTATION, schema_digest  # noqa: E402
+
 SOURCE_DIR = ROOT / "crds"
 CHART_CRD_DIR = ROOT / "charts" / "recserve" / "crds"
 KEEP = {"helm.sh/resource-policy": "keep"}
@@ -22,6 +28,31 @@ HEADER = (
     "# Helm installs files in crds/ before the templates and never upgrades or deletes them; the keep policy\n"
     "# also protects the CRD (and with it every user's RecommenderModel) if it is ever moved into templates/.\n"
 )
+
+
+DIGESTED = ROOT / "crds" / "recommendermodels.yaml"
+OPERATOR_CONSTANT = ROOT / "operator" / "recserve_operator" / "crd_schema.py"
+_ANNOTATION_LINE = re.compile(rf"^(\s+){re.escape(SCHEMA_DIGEST_ANNOTATION)}: .*$", re.M)
+_CONSTANT_LINE = re.compile(r'^SCHEMA_DIGEST = ".*"$', re.M)
+
+
+def stamped() -> dict[Path, str]:
+    """The two files that carry the RecommenderModel CRD's schema digest, with the digest of its spec now."""
+    source = DIGESTED.read_text()
+    crd = next(d for d in yaml.safe_load_all(source) if d and d.get("kind") == "CustomResourceDefinition")
+    digest = schema_digest(crd["spec"])
+    constant = OPERATOR_CONSTANT.read_text()
+    if not _ANNOTATION_LINE.search(source) or not _CONSTANT_LINE.search(constant):
+        raise SystemExit(f"no {SCHEMA_DIGEST_ANNOTATION} line in {DIGESTED} or SCHEMA_DIGEST line in "
+                         f"{OPERATOR_CONSTANT}")  # fmt: skip
+    return {
+        DIGESTED: _ANNOTATION_LINE.sub(lambda m: f'{m.group(1)}{SCHEMA_DIGEST_ANNOTATION}: "{digest}"', source),
+        OPERATOR_CONSTANT: _CONSTANT_LINE.sub(f'SCHEMA_DIGEST = "{digest}"', constant),
+    }
+
+
+def stale_digests() -> list[str]:
+    return [str(path.relative_to(ROOT)) for path, text in stamped().items() if path.read_text() != text]
 
 
 def with_keep(doc: dict[str, Any]) -> dict[str, Any]:
@@ -81,10 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="report drift instead of rewriting the chart")
     args = parser.parse_args(argv)
     if args.check:
+        digests = stale_digests()
+        for name in digests:
+            print(f"schema digest out of date: {name} (run python hack/sync_crds.py)", file=sys.stderr)
         stale = drift()
         for name in stale:
             print(f"chart CRD out of date: charts/recserve/crds/{name} (run python hack/sync_crds.py)", file=sys.stderr)
-        return 1 if stale else 0
+        return 1 if stale or digests else 0
+    for path, text in stamped().items():
+        if path.read_text() != text:
+            path.write_text(text)
+            print(f"Stamped the schema digest in {path.relative_to(ROOT)}")
     CHART_CRD_DIR.mkdir(parents=True, exist_ok=True)
     want = expected_files()
     for old in CHART_CRD_DIR.glob("*.yaml"):

@@ -36,7 +36,8 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from recserve_operator import telemetry
-from recserve_operator.kube import Kube, NotLeading
+from recserve_operator.crd_schema import CRD_NAME, CrdCheck, check_installed
+from recserve_operator.kube import RESOURCES, Kube, NotLeading
 from recserve_operator.leader import LeaderElector, Timing
 from recserve_operator.names import MANAGED_BY_LABEL, MANAGER, is_predictor, model_of
 from recserve_operator.observe import _pod_observation
@@ -221,6 +222,35 @@ class IndexedLive:
 
 def _thaw(value: Any) -> dict[str, Any]:
     return value.thaw() if isinstance(value, Frozen) else dict(value)
+
+
+def crd_schema_check(kube: Kube) -> CrdCheck:
+    """The installed RecommenderModel CRD against this operator's schema (a list by name: the operator may list
+    and watch CRDs, never get them)."""
+    items = kube.list_objects(RESOURCES["CustomResourceDefinition"], "", field_selector=f"metadata.name={CRD_NAME}")
+    return check_installed(items[0] if items else None)
+
+
+def watch_crd_schema(kube: Kube, stop: threading.Event, recheck_seconds: float) -> None:
+    """Log (once per state) and export whether the installed CRD is current; look again every `recheck_seconds`
+    until it is, then stop: one list at start on a current cluster."""
+    last = None
+    while True:
+        try:
+            result = crd_schema_check(kube)
+        except (ApiException, *NETWORK_ERRORS) as exc:
+            logger.warning("Could not check the RecommenderModel CRD, looking again in %.0fs error=%s",
+                           recheck_seconds, exc)  # fmt: skip
+        else:
+            telemetry.CRD_SCHEMA_CURRENT.set(1 if result.current else 0)
+            if result.reason != last:
+                last = result.reason
+                log = logger.info if result.current else logger.error
+                log("CRD schema %s: %s", result.reason, result.message)
+            if result.current:
+                return
+        if stop.wait(recheck_seconds):
+            return
 
 
 class _EmptyLive:
@@ -476,6 +506,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     kube = Kube.from_environment(pool_size=runtime.workers + 4, identity=runtime.identity)
+    memo["crd_stop"] = stop = threading.Event()
+    threading.Thread(target=watch_crd_schema, args=(kube, stop, runtime.crd_recheck_seconds), name="crd-schema",
+                     daemon=True).start()  # fmt: skip
     _controller = Controller(defaults, runtime, kube)
     memo["elector"] = await _controller.start()
     telemetry.serve(defaults.metrics_port)
@@ -489,6 +522,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    if "crd_stop" in memo:
+        memo["crd_stop"].set()
     if _controller is not None:
         await _controller.stop()
     task = memo.get("elector")

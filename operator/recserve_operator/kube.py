@@ -56,6 +56,7 @@ RESOURCES: dict[str, Resource] = {
         Resource("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
         Resource("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),
         Resource("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
+        Resource("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", namespaced=False),
         Resource("recserve.dev/v1alpha1", "RecommenderModel", "recommendermodels"),
     )
 }
@@ -143,10 +144,14 @@ class Kube:
             raise
         return result
 
-    def list_objects(self, resource: Resource, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        """The objects of one kind in a namespace matching a label selector (one request: kinds nothing watches)."""
+    def list_objects(
+        self, resource: Resource, namespace: str, label_selector: str = "", *, field_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        """The objects of one kind in a namespace (or cluster-wide: "") matching the selectors (one request: kinds
+        nothing watches)."""
+        query = [(k, v) for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v]
         try:
-            result = self._request("list", "GET", resource.path(namespace), query=[("labelSelector", label_selector)])
+            result = self._request("list", "GET", resource.path(namespace), query=query)
         except ApiException as exc:
             if exc.status == 404:
                 return []

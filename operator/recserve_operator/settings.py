@@ -121,6 +121,9 @@ class Runtime:
     lease_duration_seconds: float = 15.0
     renew_deadline_seconds: float = 10.0
     retry_period_seconds: float = 2.0
+    # While the installed RecommenderModel CRD is not the one this operator expects (crd_schema.py), look again
+    # this often, so the error and the metric clear once the CRD is applied (a current CRD is not looked at again).
+    crd_recheck_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -143,6 +146,7 @@ class Runtime:
             lease_duration_seconds=float(e.get("RECSERVE_LEASE_DURATION_SECONDS", str(cls.lease_duration_seconds))),
             renew_deadline_seconds=float(e.get("RECSERVE_RENEW_DEADLINE_SECONDS", str(cls.renew_deadline_seconds))),
             retry_period_seconds=float(e.get("RECSERVE_RETRY_PERIOD_SECONDS", str(cls.retry_period_seconds))),
+            crd_recheck_seconds=float(e.get("RECSERVE_CRD_RECHECK_SECONDS", str(cls.crd_recheck_seconds))),
         )
 
 

@@ -24,6 +24,11 @@ QUEUE_WAIT_SECONDS = Histogram(
     "Time a model key waited in the work queue before a worker took it.",
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
+CRD_SCHEMA_CURRENT = Gauge(
+    "recserve_crd_schema_current",
+    "1 when the installed RecommenderModel CRD has the schema this operator expects; 0 when it is outdated or "
+    "missing (the operator log says which and how to fix it).",
+)
 LEADER = Gauge("recserve_leader", "1 while this replica reconciles (it holds the lease, or runs without election).")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from recserve_operator.crd_schema import CRD_NAME, SCHEMA_DIGEST, SCHEMA_DIGEST_ANNOTATION, UPGRADE_COMMAND
 from recserve_operator.names import REVISIONS_SERVICEMONITOR
 
 from recserve_cluster import nodeconfig as nc
@@ -396,6 +398,44 @@ def test_the_module_entry_point_takes_namespaces_and_liveness_from_the_environme
         assert probes["reconciles"] >= 1
     finally:
         op.stop()
+    assert "Traceback" not in op.log(), op.log()[-5000:]
+
+
+def _crd_digest(cluster: Cluster) -> str | None:
+    crd = get_json(cluster, "crd", CRD_NAME) or {}
+    return ((crd.get("metadata") or {}).get("annotations") or {}).get(SCHEMA_DIGEST_ANNOTATION)
+
+
+def test_an_outdated_crd_is_reported_until_the_documented_command_applies_this_releases(
+    crd: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """Helm never upgrades CRDs: the operator says so (log, metric) and keeps serving; the command its message
+    names, run as a user would from the repository, brings the CRD up to date and clears both."""
+    crd.kubectl("annotate", "crd", CRD_NAME, f"{SCHEMA_DIGEST_ANNOTATION}=0123456789abcdef", "--overwrite")
+    op = OperatorProcess(crd, namespace, tmp_path / "operator.log", extra_env={"RECSERVE_CRD_RECHECK_SECONDS": "1"})
+    op.start()
+    try:
+        wait_for(lambda: (op.metrics() or {}).get("recserve_crd_schema_current") == 0.0, 60, 0.5,
+                 "recserve_crd_schema_current 0 for an outdated CRD")  # fmt: skip
+        errors = [line for line in op.log().splitlines() if "CRD schema Outdated" in line]
+        assert len(errors) == 1, op.log()[-3000:]  # logged once, not at every look
+        assert "has schema 0123456789abcdef" in errors[0] and UPGRADE_COMMAND in errors[0], errors[0]
+        apply_yaml(crd, namespace, _small("stale-crd"))
+        wait_ready(crd, namespace, "stale-crd")  # the check never stops the operator
+
+        command = UPGRADE_COMMAND.split()
+        assert command[0] == "kubectl"
+        out = subprocess.run([crd.kubectl_path, "--kubeconfig", str(crd.kubeconfig), *command[1:]], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert _crd_digest(crd) == SCHEMA_DIGEST
+        wait_for(lambda: (op.metrics() or {}).get("recserve_crd_schema_current") == 1.0, 30, 0.5,
+                 "recserve_crd_schema_current 1 once the CRD is applied")  # fmt: skip
+        assert "CRD schema Current" in op.log()
+    finally:
+        op.stop()
+        if _crd_digest(crd) != SCHEMA_DIGEST:
+            crd.kubectl("annotate", "crd", CRD_NAME, f"{SCHEMA_DIGEST_ANNOTATION}={SCHEMA_DIGEST}", "--overwrite")
     assert "Traceback" not in op.log(), op.log()[-5000:]
 
 

@@ -317,6 +317,22 @@ class Controller:
             for key in self.live.model_keys():
                 self.enqueue(key, "leader")
         self._update_gate()
+        self._sweep_in_background()
+
+    def _sweep_in_background(self) -> None:
+        threading.Thread(target=self._sweep_orphans, name="sweep-orphans", daemon=True).start()
+
+    def _sweep_orphans(self) -> None:
+        """Once per start (or leadership): what a namespace's deleted last model left while no operator ran."""
+        try:
+            again = self.reconciler.sweep_orphaned_monitors(self.defaults.watch_namespaces)
+        except NotLeading:
+            return  # the leader sweeps
+        except (ApiException, *NETWORK_ERRORS) as exc:
+            logger.warning("Sweep of orphaned ServiceMonitors failed, the next start retries error=%s", exc)
+            return
+        for key in again:
+            self.enqueue(key, "monitor", urgent=True)
 
     def _stopped_leading(self) -> None:
         self.leading = False
@@ -437,6 +453,7 @@ class Controller:
         self.workers.start()
         if self.elector is None:
             self._update_gate()
+            self._sweep_in_background()
             return None
         return asyncio.create_task(self.elector.run())
 

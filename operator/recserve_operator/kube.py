@@ -145,11 +145,13 @@ class Kube:
         return result
 
     def list_objects(
-        self, resource: Resource, namespace: str, label_selector: str = "", *, field_selector: str = ""
-    ) -> list[dict[str, Any]]:
-        """The objects of one kind in a namespace (or cluster-wide: "") matching the selectors (one request: kinds
-        nothing watches)."""
-        query = [(k, v) for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v]
+        self, resource: Resource, namespace: str, label_selector: str = "", *, field_selector: str = "",
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The objects of one kind in a namespace (or cluster-wide: "") matching the selectors, at most `limit`
+        (0: all) of them (one request: kinds nothing watches, or a fresh answer the caches cannot give)."""
+        query = [(k, v) for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector),
+                                     ("limit", str(limit) if limit else "")) if v]  # fmt: skip
         try:
             result = self._request("list", "GET", resource.path(namespace), query=query)
         except ApiException as exc:

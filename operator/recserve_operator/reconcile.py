@@ -190,6 +190,26 @@ class Reconciler:
                         REVISIONS_SERVICEMONITOR)  # fmt: skip
         return int(deleted)
 
+    def sweep_orphaned_monitors(self, namespaces: Iterable[str]) -> list[tuple[str, str]]:
+        """At start: delete the namespace ServiceMonitors left where no model is (the last one was deleted while no
+        operator ran, so `namespace_emptied` never did). Reads the API, not the caches: with no model at all, Kopf
+        never reports its caches listed. `namespaces` empty: cluster-wide. Returns the models to reconcile again:
+        one created between the look and the delete gets its ServiceMonitor back at once."""
+        if not self.servicemonitor_supported():
+            return []
+        ours, by_name = f"{MANAGED_BY_LABEL}={MANAGER}", f"metadata.name={REVISIONS_SERVICEMONITOR}"
+        monitors: list[dict[str, Any]] = []
+        for ns in tuple(namespaces) or ("",):
+            monitors += self.kube.list_objects(RESOURCES["ServiceMonitor"], ns, ours, field_selector=by_name)
+        again: list[tuple[str, str]] = []
+        for monitor in monitors:
+            ns = monitor["metadata"]["namespace"]
+            if self.kube.list_objects(RESOURCES["RecommenderModel"], ns, limit=1):
+                continue
+            self.namespace_emptied(ns)
+            again += [(ns, m["metadata"]["name"]) for m in self.kube.list_objects(RESOURCES["RecommenderModel"], ns)]
+        return again
+
     def is_own_write(self, kind: str, namespace: str, name: str, resource_version: str | None) -> bool:
         """Whether a watch event only shows this operator's own last write (the reconcile that made it already
         accounted for it), so it needs no reconcile of its own."""

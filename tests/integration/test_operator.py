@@ -312,6 +312,36 @@ def test_deletion_leaves_nothing_behind(operator: OperatorProcess, namespace: st
     )
 
 
+def test_a_servicemonitor_whose_last_model_went_while_no_operator_ran_is_deleted_at_start(
+    crd: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """No model owns the namespace's ServiceMonitor; the operator deletes it with the last model, and, when that
+    happened while no operator ran, at its next start. A model applied afterwards gets it back."""
+    _require_servicemonitors(crd)
+    op = OperatorProcess(crd, namespace, tmp_path / "operator.log")
+    op.start()
+    try:
+        apply_yaml(crd, namespace, _small("left"))
+        wait_ready(crd, namespace, "left")
+        assert _namespace_monitor(crd, namespace)
+    finally:
+        op.stop()
+    crd.kubectl("delete", "rm", "left", "-n", namespace, "--wait=true", timeout=60)  # no operator runs
+    assert _namespace_monitor(crd, namespace)
+    op = OperatorProcess(crd, namespace, tmp_path / "operator-2.log")
+    op.start()
+    try:
+        wait_for(lambda: not _namespace_monitor(crd, namespace), 60, 0.5,
+                 "the orphaned ServiceMonitor to be deleted at start")  # fmt: skip
+        assert f"Deleted ServiceMonitor namespace={namespace} name={REVISIONS_SERVICEMONITOR}" in op.log()
+        apply_yaml(crd, namespace, _small("back"))
+        wait_ready(crd, namespace, "back")
+        wait_for(lambda: _namespace_monitor(crd, namespace), 30, 0.5, "the ServiceMonitor back with a new model")
+    finally:
+        op.stop()
+    assert "Traceback" not in op.log(), op.log()[-5000:]
+
+
 def test_the_per_model_servicemonitor_of_an_earlier_version_gives_way_to_the_namespaces(
     operator: OperatorProcess, namespace: str
 ) -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from operator_samples import minimal_spec, model_body
 from recserve_operator import handlers
 from recserve_operator.builders.common import Ids
-from recserve_operator.builders.servicemonitor import build_shadow_servicemonitor
+from recserve_operator.builders.servicemonitor import build_servicemonitor, build_shadow_servicemonitor
 from recserve_operator.names import REVISIONS_SERVICEMONITOR
 from recserve_operator.reconcile import Reconciler
 from recserve_operator.settings import OperatorDefaults
@@ -149,3 +150,77 @@ def test_a_deleted_model_empties_its_namespace_only_when_it_was_the_last(
     assert recorder.forgotten == [("shop", "ctr-dnn")] and len(ctl.queue) == 1
     ctl._process(("shop", "ctr-dnn"), 0.0)
     assert recorder.emptied == emptied
+
+
+def _recommender(namespace: str, name: str) -> dict[str, Any]:
+    return {"apiVersion": "recserve.dev/v1alpha1", "kind": "RecommenderModel",
+            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{namespace}-{name}"}}  # fmt: skip
+
+
+def _leave_monitor(kube: FakeKube, namespace: str) -> None:
+    """What a namespace keeps after its models were deleted while no operator ran: the ServiceMonitor, no owner."""
+    monitor = build_servicemonitor(namespace)
+    monitor["metadata"]["uid"] = f"uid-sm-{namespace}"
+    kube.objects[("ServiceMonitor", namespace, REVISIONS_SERVICEMONITOR)] = monitor
+
+
+def test_at_start_a_servicemonitor_left_where_no_model_is_goes_and_one_beside_a_model_stays(env: Any) -> None:
+    rec, kube = env
+    for ns in ("gone", "shop", "ads"):
+        _leave_monitor(kube, ns)
+    kube.objects[("RecommenderModel", "shop", "ctr")] = _recommender("shop", "ctr")
+    assert rec.sweep_orphaned_monitors(()) == []  # cluster-wide
+    assert _monitors(kube) == [("shop", REVISIONS_SERVICEMONITOR)]
+    # Reads only where something may be orphaned: 1 ServiceMonitor list, 1 model list per ServiceMonitor, and a
+    # second model list where one was deleted (a model created meanwhile must get it back).
+    assert kube.requests["list"] == 1 + 3 + 2 and kube.requests["delete"] == 2
+
+
+def test_a_namespaced_operator_looks_only_in_its_namespaces(env: Any) -> None:
+    rec, kube = env
+    for ns in ("gone", "elsewhere"):
+        _leave_monitor(kube, ns)
+    rec.sweep_orphaned_monitors(("gone", "shop"))
+    assert _monitors(kube) == [("elsewhere", REVISIONS_SERVICEMONITOR)]
+
+
+def test_a_model_created_between_the_look_and_the_delete_is_reconciled_again(env: Any) -> None:
+    rec, kube = env
+    _leave_monitor(kube, "shop")
+    delete = kube.delete
+
+    def racing_delete(kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        kube.objects[("RecommenderModel", namespace, "new")] = _recommender(namespace, "new")  # just created
+        return delete(kind, namespace, name, uid)
+
+    kube.delete = racing_delete  # type: ignore[method-assign]
+    assert rec.sweep_orphaned_monitors(()) == [("shop", "new")]
+    _run(rec, kube, "new")  # its reconcile, queued urgently by the operator, brings the ServiceMonitor back
+    assert _monitors(kube) == [("shop", REVISIONS_SERVICEMONITOR)]
+
+
+def test_without_prometheus_operator_nothing_is_listed() -> None:
+    kube = FakeKube()  # its discovery answers: no ServiceMonitor API
+    rec = Reconciler(kube, OperatorDefaults(), FakeLive(kube))  # type: ignore[arg-type]
+    assert rec.sweep_orphaned_monitors(()) == [] and kube.requests["list"] == 0
+
+
+class _Sweeper:
+    def __init__(self, outcome: Any) -> None:
+        self.outcome, self.scopes = outcome, []
+
+    def sweep_orphaned_monitors(self, namespaces: tuple[str, ...]) -> list[tuple[str, str]]:
+        self.scopes.append(namespaces)
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return list(self.outcome)
+
+
+@pytest.mark.parametrize("outcome", [[("shop", "new")], handlers.NotLeading("standby"), ApiException(status=503)])
+def test_the_controller_sweeps_its_watched_namespaces_and_queues_what_the_sweep_returns(outcome: Any) -> None:
+    ctl = handlers.Controller.__new__(handlers.Controller)
+    ctl.queue, ctl.defaults = WorkQueue(), OperatorDefaults(watch_namespaces=("shop",))
+    ctl.reconciler = _Sweeper(outcome)  # type: ignore[assignment]
+    ctl._sweep_orphans()  # a failure is logged, never raised: the operator starts all the same
+    assert ctl.reconciler.scopes == [("shop",)]  # type: ignore[attr-defined]
+    assert len(ctl.queue) == (1 if isinstance(outcome, list) else 0)

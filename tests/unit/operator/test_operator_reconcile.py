@@ -59,12 +59,15 @@ class FakeKube:
         live["metadata"]["generation"] = live["metadata"].get("generation", 1) + 1
         return copy.deepcopy(live)
 
-    def list_objects(self, resource: Any, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    def list_objects(self, resource: Any, namespace: str, label_selector: str = "", *, field_selector: str = "",
+                     limit: int = 0) -> list[dict[str, Any]]:  # fmt: skip
         self.requests["list"] += 1
-        wanted = dict(term.split("=", 1) for term in label_selector.split(","))
-        return [copy.deepcopy(o) for (kind, ns, _), o in self.objects.items()
-                if kind == resource.kind and ns == namespace
-                and wanted.items() <= (o["metadata"].get("labels") or {}).items()]  # fmt: skip
+        wanted = dict(term.split("=", 1) for term in label_selector.split(",") if term)
+        named = field_selector.removeprefix("metadata.name=") if field_selector else None
+        found = [copy.deepcopy(o) for (kind, ns, name), o in self.objects.items()
+                 if kind == resource.kind and namespace in ("", ns) and named in (None, name)
+                 and wanted.items() <= (o["metadata"].get("labels") or {}).items()]  # fmt: skip
+        return found[:limit] if limit else found
 
     def exists(self, path: str) -> bool:
         self.requests["discovery"] += 1

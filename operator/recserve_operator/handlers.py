@@ -438,7 +438,7 @@ class Controller:
         if any(ns == namespace for ns, _ in live.model_keys()):
             return
         try:
-            self.reconciler.namespace_emptied(namespace)
+            again = self.reconciler.namespace_emptied(namespace)
         except NotLeading:
             return
         except (ApiException, *NETWORK_ERRORS) as exc:
@@ -446,6 +446,8 @@ class Controller:
             logger.warning("Cleanup failed, retrying in %.0fs namespace=%s error=%s", delay, namespace, exc)
             return
         self.queue.forget(key)
+        for model in again:  # created as the last one went: its ServiceMonitor back now, not at its next resync
+            self.enqueue(model, "monitor", urgent=True)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 

@@ -178,17 +178,21 @@ class Reconciler:
                 self._routes_dropped.discard(uid)
             self._applied.forget_model(namespace, name)
 
-    def namespace_emptied(self, namespace: str) -> int:
-        """The namespace's last model is gone: delete its revisions' ServiceMonitor (no model owns it)."""
+    def namespace_emptied(self, namespace: str) -> list[tuple[str, str]]:
+        """The namespace's last model is gone: delete its revisions' ServiceMonitor (no model owns it). Returns the
+        models the API shows there after the delete: one created meanwhile (not in the caches yet when the
+        namespace looked empty) is to be reconciled again at once, and so gets the ServiceMonitor back."""
         if not self.servicemonitor_supported():
-            return 0
+            return []
         deleted = self.kube.delete("ServiceMonitor", namespace, REVISIONS_SERVICEMONITOR)
-        with self._guard:  # a model created meanwhile verifies (and recreates) it at its next reconcile
+        with self._guard:  # the next reconcile of a model there verifies (and recreates) it
             self._verified.pop(("ServiceMonitor", namespace, REVISIONS_SERVICEMONITOR), None)
-        if deleted:
-            logger.info("Deleted ServiceMonitor namespace=%s name=%s (no model left)", namespace,
-                        REVISIONS_SERVICEMONITOR)  # fmt: skip
-        return int(deleted)
+        if not deleted:
+            return []
+        logger.info("Deleted ServiceMonitor namespace=%s name=%s (no model left)", namespace,
+                    REVISIONS_SERVICEMONITOR)  # fmt: skip
+        return [(namespace, m["metadata"]["name"]) for m in self.kube.list_objects(RESOURCES["RecommenderModel"],
+                                                                                   namespace)]  # fmt: skip
 
     def sweep_orphaned_monitors(self, namespaces: Iterable[str]) -> list[tuple[str, str]]:
         """At start: delete the namespace ServiceMonitors left where no model is (the last one was deleted while no
@@ -206,8 +210,7 @@ class Reconciler:
             ns = monitor["metadata"]["namespace"]
             if self.kube.list_objects(RESOURCES["RecommenderModel"], ns, limit=1):
                 continue
-            self.namespace_emptied(ns)
-            again += [(ns, m["metadata"]["name"]) for m in self.kube.list_objects(RESOURCES["RecommenderModel"], ns)]
+            again += self.namespace_emptied(ns)
         return again
 
     def is_own_write(self, kind: str, namespace: str, name: str, resource_version: str | None) -> bool:

@@ -96,7 +96,7 @@ def test_the_last_model_of_a_namespace_takes_the_servicemonitor_with_it_and_a_ne
 ) -> None:
     rec, kube = env
     _run(rec, kube, "ctr-dnn")
-    assert rec.namespace_emptied("shop") == 1
+    assert rec.namespace_emptied("shop") == []  # no model there now
     assert _monitors(kube) == []
     _run(rec, kube, "two-tower")  # the verification cache was cleared: not trusted to still exist
     assert _monitors(kube) == [("shop", REVISIONS_SERVICEMONITOR)]
@@ -107,7 +107,7 @@ def test_without_prometheus_operator_no_servicemonitor_is_written_or_looked_for(
     rec = Reconciler(kube, OperatorDefaults(), FakeLive(kube))  # type: ignore[arg-type]
     _run(rec, kube, "ctr-dnn")
     assert _monitors(kube) == [] and kube.requests["list"] == 0
-    assert rec.namespace_emptied("shop") == 0 and kube.requests["delete"] == 0
+    assert rec.namespace_emptied("shop") == [] and kube.requests["delete"] == 0
 
 
 class _Live:
@@ -125,13 +125,14 @@ class _Recorder:
     def __init__(self) -> None:
         self.forgotten: list[tuple[str, str]] = []
         self.emptied: list[str] = []
+        self.created_meanwhile: list[tuple[str, str]] = []
 
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
         self.forgotten.append((namespace, name))
 
-    def namespace_emptied(self, namespace: str) -> int:
+    def namespace_emptied(self, namespace: str) -> list[tuple[str, str]]:
         self.emptied.append(namespace)
-        return 1
+        return list(self.created_meanwhile)
 
 
 @pytest.mark.parametrize(("remaining", "emptied"), [([], ["shop"]), ([("shop", "two-tower")], []),
@@ -224,3 +225,16 @@ def test_the_controller_sweeps_its_watched_namespaces_and_queues_what_the_sweep_
     ctl._sweep_orphans()  # a failure is logged, never raised: the operator starts all the same
     assert ctl.reconciler.scopes == [("shop",)]  # type: ignore[attr-defined]
     assert len(ctl.queue) == (1 if isinstance(outcome, list) else 0)
+
+
+def test_a_model_created_as_the_last_one_went_is_reconciled_at_once() -> None:
+    """The caches did not show it yet, so the namespace looked empty; the API after the delete does."""
+    ctl = handlers.Controller.__new__(handlers.Controller)
+    ctl.queue, ctl.seen, ctl.signatures, ctl.pending = WorkQueue(), {}, {("shop", "ctr-dnn"): 1}, {}
+    recorder = _Recorder()
+    recorder.created_meanwhile = [("shop", "new")]
+    ctl.reconciler = recorder  # type: ignore[assignment]
+    ctl.live = _Live([])  # type: ignore[assignment]
+    ctl.model_gone("shop", "ctr-dnn", "uid-1")
+    ctl._process(ctl.queue.get(0)[0], 0.0)  # type: ignore[index]
+    assert recorder.emptied == ["shop"] and (ctl.queue.get(0) or ((),))[0] == ("shop", "new")

@@ -388,3 +388,5 @@ def test_the_operator_works_as_the_chart_service_account_and_can_do_nothing_more
             if any(m in line.lower() for m in FORBIDDEN_MARKERS)]  # fmt: skip
     assert not hits, "operator log shows denied requests or errors:\n" + "\n".join(hits[:20])
     assert "rbac-proof" in log_text, log_text[-3000:]
+    # Its start-up reads with this identity: the CRD (listed by name) is the one the chart installed.
+    assert "CRD schema Current" in log_text, log_text[-3000:]

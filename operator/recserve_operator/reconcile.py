@@ -352,13 +352,16 @@ class Reconciler:
         return self._write_status(meta["namespace"], meta["name"], meta["uid"], old=old_status, new=status, post=post)
 
     def _metrics(self, url: str) -> MetricsProvider:
+        """The provider for one analysis look (each look asks once): a Prometheus pinned to this instant, so every
+        number of the look is evaluated at the same time."""
         from recserve_operator.metrics.base import get_metrics_provider
+        from recserve_operator.metrics.prometheus import PrometheusProvider
 
         with self._guard:
             provider = self._providers.get(url)
             if provider is None:
                 provider = self._providers[url] = get_metrics_provider("prometheus", url)
-            return provider
+        return provider.at(time.time()) if isinstance(provider, PrometheusProvider) else provider
 
     def _router_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The model's builtin router Deployment as the caches show it (one created before the router carried

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from typing import Any
@@ -58,11 +59,23 @@ class PrometheusProvider:
         self.shown = redact_url(self.url)
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
+        self.evaluation_time: float | None = None  # None: Prometheus' "now" at each query
+
+    def at(self, when: float) -> PrometheusProvider:
+        """The same Prometheus (and connection pool) with every query evaluated at `when` (unix seconds). One
+        analysis look's numbers then come from one instant: a scrape landing between two of its queries cannot
+        pair new errors with an older request count, or new comparisons with an older mirrored count."""
+        pinned = copy.copy(self)
+        pinned.evaluation_time = when
+        return pinned
 
     def query(self, promql: str) -> dict[str, Any]:
         """The `data` object of an instant query; raises MetricsError with Prometheus' own message."""
+        params = {"query": promql}
+        if self.evaluation_time is not None:
+            params["time"] = f"{self.evaluation_time:.3f}"
         try:
-            resp = self.session.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout_s)
+            resp = self.session.get(f"{self.url}/api/v1/query", params=params, timeout=self.timeout_s)
         except requests.Timeout as exc:
             raise MetricsError(f"prometheus at {self.shown} timed out after {self.timeout_s:g}s") from exc
         except requests.RequestException as exc:

@@ -387,3 +387,16 @@ def test_an_invalid_rollout_policy_is_an_invalid_spec_naming_the_field_and_chang
     assert kube.objects == before
     degraded = next(x for x in kube.status["conditions"] if x["type"] == "Degraded")
     assert degraded["reason"] == "InvalidSpec" and "spec.rollout.steps[1].weight" in degraded["message"]
+
+
+def test_each_analysis_look_gets_the_shared_prometheus_pinned_to_its_instant() -> None:
+    from recserve_operator.metrics.prometheus import PrometheusProvider
+
+    kube = FakeKube()
+    rec = Reconciler(kube, OperatorDefaults(), FakeLive(kube))  # type: ignore[arg-type]
+    first, second = rec._metrics("http://prom:9090"), rec._metrics("http://prom:9090")
+    assert isinstance(first, PrometheusProvider) and isinstance(second, PrometheusProvider)
+    assert first.evaluation_time is not None and second.evaluation_time is not None
+    assert first.evaluation_time <= second.evaluation_time and first.session is second.session  # one pool
+    shared = rec._providers["http://prom:9090"]
+    assert isinstance(shared, PrometheusProvider) and shared.evaluation_time is None

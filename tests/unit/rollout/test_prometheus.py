@@ -179,3 +179,25 @@ def test_default_prometheus_applies_only_when_analysis_is_configured() -> None:
     assert with_analysis.analysis.enabled and with_analysis.analysis.prometheus == "http://prom:9090"
     assert empty.analysis.prometheus == "http://prom:9090"  # a section, even empty, is analysed
     assert not without.analysis.enabled
+
+
+class _ParamsSession:
+    def __init__(self) -> None:
+        self.params: list[dict[str, str]] = []
+
+    def get(self, url: str, params: dict[str, str], timeout: float) -> FakeResponse:
+        self.params.append(dict(params))
+        return FakeResponse(200, {"status": "success", "data": {"resultType": "vector", "result": []}})
+
+
+def test_a_pinned_provider_evaluates_every_query_at_one_instant_and_leaves_the_original_live() -> None:
+    session = _ParamsSession()
+    live = PrometheusProvider("http://prom:9090", session=session)  # type: ignore[arg-type]
+    pinned = live.at(1796700000.25)
+    pinned.query_scalar("sum(a)")
+    pinned.query_vector("sum by (variant) (b)")
+    live.query_scalar("sum(c)")
+    assert session.params == [{"query": "sum(a)", "time": "1796700000.250"},
+                              {"query": "sum by (variant) (b)", "time": "1796700000.250"},
+                              {"query": "sum(c)"}]  # fmt: skip
+    assert pinned.session is live.session and live.evaluation_time is None

@@ -30,7 +30,7 @@ HEADER = (
 )
 
 
-DIGESTED = ROOT / "crds" / "recommendermodels.yaml"
+DIGESTED = SOURCE_DIR / "recommendermodels.yaml"
 OPERATOR_CONSTANT = ROOT / "operator" / "recserve_operator" / "crd_schema.py"
 _ANNOTATION_LINE = re.compile(rf"^(\s+){re.escape(SCHEMA_DIGEST_ANNOTATION)}: .*$", re.M)
 _CONSTANT_LINE = re.compile(r'^SCHEMA_DIGEST = ".*"$', re.M)

@@ -265,9 +265,12 @@ def _checks(a: Mapping[str, Any]) -> str:
     return "; ".join(shown)
 
 
+def _thresholds_line(limits: Mapping[str, Any]) -> list[str]:
+    return ["  thresholds: " + ", ".join(f"{k} {val}" for k, val in limits.items())] if limits else []
+
+
 def _analysis_lines(v: Mapping[str, Any], now: datetime) -> list[str]:
-    limits = v["thresholds"]
-    out = ["  thresholds: " + ", ".join(f"{k} {val}" for k, val in limits.items())] if limits else []
+    out = _thresholds_line(v["thresholds"])
     rows = []
     for a in v["analyses"]:
         verdict = f"{a.get('verdict')} (shadow)" if a.get("stage") == "shadow" else a.get("verdict")
@@ -283,8 +286,7 @@ def _shadow_lines(shadow: Mapping[str, Any], now: datetime) -> list[str]:
     lines = [f"  mirror {_fmt(shadow['percent'])}% of live requests to the candidate, compare the top "
              f"{_fmt(shadow['topK'])}, at least {_fmt(shadow['minRequests'])} compared, for at least "
              f"{_fmt(shadow['duration'])} ({state})"]  # fmt: skip
-    if shadow["thresholds"]:
-        lines.append("  thresholds: " + ", ".join(f"{k} {val}" for k, val in shadow["thresholds"].items()))
+    lines += _thresholds_line(shadow["thresholds"])
     last = shadow["last"]
     if not last:
         return [*lines, "  (no shadow look yet)"]

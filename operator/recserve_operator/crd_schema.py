@@ -37,7 +37,6 @@ def schema_digest(spec: Mapping[str, Any]) -> str:
 @dataclass(frozen=True)
 class CrdCheck:
     reason: str  # CURRENT, OUTDATED, UNVERSIONED or MISSING
-    installed: str | None  # the installed CRD's digest annotation
     message: str
 
     @property
@@ -48,15 +47,15 @@ class CrdCheck:
 def check_installed(crd: Mapping[str, Any] | None, expected: str = SCHEMA_DIGEST) -> CrdCheck:
     """Compare the installed CRD (None: not installed) with the schema this operator expects."""
     if crd is None:
-        return CrdCheck(MISSING, None, f"CRD {CRD_NAME} is not installed: install it with `{UPGRADE_COMMAND}` "
-                                       "(or helm install the chart)")  # fmt: skip
+        return CrdCheck(MISSING, f"CRD {CRD_NAME} is not installed: install it with `{UPGRADE_COMMAND}` "
+                                 "(or helm install the chart)")  # fmt: skip
     installed = ((crd.get("metadata") or {}).get("annotations") or {}).get(SCHEMA_DIGEST_ANNOTATION)
     if installed == expected:
-        return CrdCheck(CURRENT, installed, f"CRD {CRD_NAME} schema {expected} is the one this operator expects")
+        return CrdCheck(CURRENT, f"CRD {CRD_NAME} schema {expected} is the one this operator expects")
     why = (f"has no {SCHEMA_DIGEST_ANNOTATION} annotation (installed by an earlier release)" if installed is None
            else f"has schema {installed}")  # fmt: skip
     return CrdCheck(
-        UNVERSIONED if installed is None else OUTDATED, installed,
+        UNVERSIONED if installed is None else OUTDATED,
         f"CRD {CRD_NAME} {why}, this operator expects {expected}: Helm never upgrades CRDs, so fields the installed "
         f"schema does not know are dropped from every RecommenderModel applied. Apply this release's CRDs: "
         f"`{UPGRADE_COMMAND}`",
